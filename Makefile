@@ -1,0 +1,44 @@
+# Two commands do all set-up on a fresh machine: `make smoke` and `make test`.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# Cache DeepSpeed's JIT-built C++ ops inside the venv so only the first run pays for them.
+export TORCH_EXTENSIONS_DIR := $(abspath $(VENV))/torch_extensions
+export HF_HUB_OFFLINE := 1
+export WANDB_MODE ?= disabled
+HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+ifneq ($(HAS_CUDA),1)
+# Triton runs on CPU only in interpreter mode; it must be set before triton is imported.
+export TRITON_INTERPRET := 1
+endif
+PYTEST_ARGS ?=
+
+.PHONY: install smoke test test-gpu test-all clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+ifeq ($(HAS_CUDA),1)
+	$(PIP) install -q torch
+else
+	# CPU machine: the local CPU wheel; an unpinned torch would pull a multi-GB CUDA build.
+	$(PIP) install -q torch==2.13.0
+endif
+	$(PY) -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > $(VENV)/torch-constraint.txt
+	$(PIP) install -q -c $(VENV)/torch-constraint.txt -e '.[dev]'
+	touch $@
+
+smoke: install
+	$(PY) train.py experiment=smoke
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-gpu: install
+	$(PY) -m pytest -m gpu $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) outputs runs

@@ -1,0 +1,77 @@
+"""The dispatch seam: one call per op, and the implementation is picked per call.
+
+`backend="auto"` takes our Triton kernels for CUDA tensors and the plain PyTorch reference for CPU tensors; "triton",
+"fla" and "torch" force one. Layers call only these functions, so a new backend is one branch here.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("auto", "triton", "fla", "torch")
+
+
+def resolve_backend(backend: str, tensor: torch.Tensor) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
+    if backend == "auto":
+        return "triton" if tensor.is_cuda else "torch"
+    return backend
+
+
+def _gate_and_beta(g, beta, a, A_log, dt_bias, b):
+    """g = -exp(A_log) * softplus(a + dt_bias) and beta = sigmoid(b), in fp32, for backends without the fused form."""
+    if g is None:
+        g = -A_log.float().exp() * F.softplus(a.float() + dt_bias.float())
+    if beta is None:
+        beta = b.float().sigmoid()
+    return g, beta
+
+
+def chunk_gated_delta_rule(q, k, v, g=None, beta=None, *, backend: str = "auto", a=None, A_log=None, dt_bias=None,
+                           b=None, **kwargs):
+    """Chunked gated delta rule (fla's contract; see kernels/gated_delta). g/beta may be given raw as
+    (a, A_log, dt_bias) and b, which our kernels fuse."""
+    backend = resolve_backend(backend, q)
+    if backend == "fla":
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_chunk
+
+        g, beta = _gate_and_beta(g, beta, a, A_log, dt_bias, b)
+        return fla_chunk(q, k, v, g.to(q.dtype) if q.dtype != torch.float32 else g, beta.to(q.dtype), **kwargs)
+    if backend == "triton":
+        from hybridlm.kernels.gated_delta import chunk_gated_delta_rule as impl
+    else:
+        from hybridlm.kernels.gated_delta.reference import chunk_gated_delta_rule_ref as impl
+    return impl(q, k, v, g=g, beta=beta, a=a, A_log=A_log, dt_bias=dt_bias, b=b, **kwargs)
+
+
+def fused_recurrent_gated_delta_rule(q, k, v, g=None, beta=None, *, backend: str = "auto", a=None, A_log=None,
+                                     dt_bias=None, b=None, **kwargs):
+    """Token-by-token gated delta rule against a state (decoding); same arguments as the chunked form."""
+    backend = resolve_backend(backend, q)
+    if backend == "fla":
+        from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule as fla_recurrent
+
+        g, beta = _gate_and_beta(g, beta, a, A_log, dt_bias, b)
+        return fla_recurrent(q, k, v, g, beta.to(q.dtype), **kwargs)
+    if backend == "triton":
+        from hybridlm.kernels.gated_delta import fused_recurrent_gated_delta_rule as impl
+    else:
+        from hybridlm.kernels.gated_delta.reference import fused_recurrent_gated_delta_rule_ref as impl
+    return impl(q, k, v, g=g, beta=beta, a=a, A_log=A_log, dt_bias=dt_bias, b=b, **kwargs)
+
+
+def sparse_moe(x, router_weight, gate_up, down, top_k, score_func="softmax", renormalize=True, selection_bias=None,
+               *, backend: str = "auto"):
+    """The routed MoE path: router -> top-k -> SwiGLU experts -> weighted combine.
+    Returns (y [T,H], router_logits [T,E] fp32, expert_counts [E])."""
+    backend = resolve_backend(backend, x)
+    if backend == "fla":
+        raise ValueError("model.moe.backend='fla': fla has no MoE kernels; use 'auto', 'triton' or 'torch'")
+    if backend == "triton":
+        from hybridlm.kernels.moe import sparse_moe as impl
+    else:
+        from hybridlm.kernels.moe.reference import sparse_moe_ref as impl
+    return impl(x, router_weight, gate_up, down, top_k, score_func=score_func, renormalize=renormalize,
+                selection_bias=selection_bias)
