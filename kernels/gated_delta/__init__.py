@@ -1,0 +1,21 @@
+"""Gated delta rule (Gated DeltaNet's linear-attention recurrence): Triton kernels and plain PyTorch references.
+
+Triton itself imports on any machine; the kernels run on CUDA, or on CPU when TRITON_INTERPRET=1 was set before
+triton was first imported. The references run anywhere.
+"""
+
+from .chunk import chunk_gated_delta_rule
+from .recurrent import fused_recurrent_gated_delta_rule
+from .reference import (
+    chunk_gated_delta_rule_ref,
+    fused_recurrent_gated_delta_rule_ref,
+    naive_recurrent_gated_delta_rule,
+)
+
+__all__ = [
+    "chunk_gated_delta_rule",
+    "fused_recurrent_gated_delta_rule",
+    "chunk_gated_delta_rule_ref",
+    "fused_recurrent_gated_delta_rule_ref",
+    "naive_recurrent_gated_delta_rule",
+]

@@ -1,0 +1,147 @@
+"""Argument checks and the small elementwise pieces shared by every gated delta rule implementation.
+
+Everything here is plain PyTorch and imports no Triton, so the package imports on any machine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+# Same epsilon as fla's fused L2 norm: x / sqrt(sum(x^2) + eps).
+L2NORM_EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class GatedDeltaDims:
+    """Sizes of one gated delta rule call, after the arguments have been checked."""
+
+    batch: int  # B
+    seq_len: int  # T (total tokens per batch row; with cu_seqlens, all documents packed)
+    num_qk_heads: int  # H
+    num_v_heads: int  # HV, a multiple of H
+    head_k_dim: int  # K
+    head_v_dim: int  # V
+    num_states: int  # N: B, or the number of documents when cu_seqlens is given
+    scale: float
+
+    @property
+    def value_heads_per_qk_head(self) -> int:
+        return self.num_v_heads // self.num_qk_heads
+
+
+def _check_shape(name: str, tensor: torch.Tensor, expected: tuple[int, ...], meaning: str) -> None:
+    if tuple(tensor.shape) != expected:
+        raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected {expected} ({meaning})")
+
+
+def _check_float(name: str, tensor: torch.Tensor) -> None:
+    if not tensor.is_floating_point():
+        raise ValueError(f"{name} has dtype {tensor.dtype}; pass a floating point tensor (fp32, fp16, bf16 or fp64)")
+
+
+def check_gated_delta_inputs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor | None,
+    beta: torch.Tensor | None,
+    scale: float | None,
+    initial_state: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+    a: torch.Tensor | None,
+    A_log: torch.Tensor | None,
+    dt_bias: torch.Tensor | None,
+    b: torch.Tensor | None,
+) -> GatedDeltaDims:
+    """Validate the arguments of `chunk_gated_delta_rule` / `fused_recurrent_gated_delta_rule`.
+
+    Raises ValueError naming the bad argument and the fix. Reads `cu_seqlens` values (one host sync on GPU).
+    """
+    for name, tensor in (("q", q), ("k", k), ("v", v)):
+        if tensor.dim() != 4:
+            raise ValueError(f"{name} must be 4-D [B, T, heads, head_dim], got shape {tuple(tensor.shape)}")
+        _check_float(name, tensor)
+    B, T, H, K = q.shape
+    HV, V = v.shape[2], v.shape[3]
+    _check_shape("k", k, (B, T, H, K), "same shape as q: [B, T, H, K]")
+    if v.shape[:2] != (B, T):
+        raise ValueError(f"v has shape {tuple(v.shape)}, expected [B={B}, T={T}, HV, V] matching q's batch and time")
+    if H == 0 or HV % H != 0:
+        raise ValueError(f"v has {HV} heads but q/k have {H}: the number of value heads must be a multiple of H")
+    if K == 0 or V == 0:
+        raise ValueError(f"head dims must be positive, got K={K}, V={V}")
+
+    if g is not None:
+        if a is not None or A_log is not None or dt_bias is not None:
+            raise ValueError("pass either g (log-space decay) or the raw gate (a, A_log, dt_bias), not both")
+        _check_shape("g", g, (B, T, HV), "[B, T, HV] log-space decay")
+        _check_float("g", g)
+    else:
+        if a is None or A_log is None:
+            raise ValueError(
+                "no decay given: pass g [B, T, HV] (log-space decay), or a [B, T, HV] with A_log [HV] "
+                "(and optionally dt_bias [HV]) to compute g = -exp(A_log) * softplus(a + dt_bias)"
+            )
+        _check_shape("a", a, (B, T, HV), "[B, T, HV] raw gate input")
+        _check_shape("A_log", A_log, (HV,), "[HV] per value head")
+        _check_float("a", a)
+        _check_float("A_log", A_log)
+        if dt_bias is not None:
+            _check_shape("dt_bias", dt_bias, (HV,), "[HV] per value head")
+            _check_float("dt_bias", dt_bias)
+
+    if (beta is None) == (b is None):
+        raise ValueError("pass exactly one of beta [B, T, HV] (in [0, 1]) or b [B, T, HV] (beta = sigmoid(b))")
+    beta_name, beta_tensor = ("beta", beta) if beta is not None else ("b", b)
+    _check_shape(beta_name, beta_tensor, (B, T, HV), "[B, T, HV] per value head")
+    _check_float(beta_name, beta_tensor)
+
+    if cu_seqlens is not None:
+        if B != 1:
+            raise ValueError(f"cu_seqlens packs documents along T and needs B == 1, got B={B}; flatten the batch first")
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+            raise ValueError(f"cu_seqlens must be 1-D [N+1] with N >= 1, got shape {tuple(cu_seqlens.shape)}")
+        if cu_seqlens.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"cu_seqlens has dtype {cu_seqlens.dtype}; pass torch.int32 or torch.int64")
+        bounds = cu_seqlens.tolist()
+        if bounds[0] != 0 or bounds[-1] != T or any(e < s for s, e in zip(bounds, bounds[1:])):
+            raise ValueError(f"cu_seqlens must rise from 0 to T={T} without decreasing, got {bounds}")
+        N = len(bounds) - 1
+    else:
+        N = B
+
+    if initial_state is not None:
+        _check_shape("initial_state", initial_state, (N, HV, K, V), "[N, HV, K, V] with N = B or number of documents")
+        _check_float("initial_state", initial_state)
+
+    devices = {t.device for t in (q, k, v, g, beta, initial_state, a, A_log, dt_bias, b) if t is not None}
+    if len(devices) > 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(str(d) for d in devices)}")
+
+    if scale is None:
+        scale = K**-0.5
+    return GatedDeltaDims(B, T, H, HV, K, V, N, float(scale))
+
+
+def sequence_bounds(cu_seqlens: torch.Tensor | None, seq_len: int) -> list[tuple[int, int]]:
+    """[(start, end)] of each document along T; the whole row when there is no cu_seqlens."""
+    if cu_seqlens is None:
+        return [(0, seq_len)]
+    bounds = cu_seqlens.tolist()
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def gate_from_raw(a: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """g = -exp(A_log) * softplus(a + dt_bias), in `dtype` (at least fp32)."""
+    x = a.to(dtype)
+    if dt_bias is not None:
+        x = x + dt_bias.to(dtype)
+    return -torch.exp(A_log.to(dtype)) * F.softplus(x)
+
+
+def l2_normalize(x: torch.Tensor) -> torch.Tensor:
+    """x / sqrt(sum(x^2) + eps) over the last dim, as fla's `use_qk_l2norm_in_kernel`."""
+    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + L2NORM_EPS)
