@@ -1,0 +1,78 @@
+"""Independent float64 oracle for the sparse-MoE tests: a per-expert loop with a per-token mask.
+
+Written the obvious way (dense scores, boolean masks, no sorting) so it shares no code or tricks with
+`hybridlm.kernels.moe`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def moe_loop(x, router_weight, gate_up, down, top_k, score_func="softmax", renormalize=True, selection_bias=None):
+    """Returns (y, logits, expert_counts, expert_ids, weights) computed in float64."""
+    x, router_weight, gate_up, down = (t.double() for t in (x, router_weight, gate_up, down))
+    num_experts = router_weight.shape[0]
+    intermediate = down.shape[2]
+    logits = x @ router_weight.T
+    scores = torch.softmax(logits, dim=-1) if score_func == "softmax" else torch.sigmoid(logits)
+    choice = scores.detach().clone()
+    if selection_bias is not None:
+        choice = choice + selection_bias.double()
+    expert_ids = choice.argsort(dim=-1, descending=True)[:, :top_k]
+    chosen = torch.zeros_like(scores, dtype=torch.bool).scatter(1, expert_ids, True)  # [T, E]
+    dense_weights = torch.where(chosen, scores, torch.zeros_like(scores))
+    if renormalize:
+        dense_weights = dense_weights / dense_weights.sum(dim=-1, keepdim=True)
+    y = torch.zeros_like(x)
+    for expert in range(num_experts):
+        token_mask = chosen[:, expert]
+        tokens = x[token_mask]
+        gate = tokens @ gate_up[expert, :intermediate].T
+        up = tokens @ gate_up[expert, intermediate:].T
+        out = (F.silu(gate) * up) @ down[expert].T
+        contribution = torch.zeros_like(x)
+        contribution[token_mask] = dense_weights[token_mask, expert, None] * out
+        y = y + contribution
+    weights = dense_weights.gather(1, expert_ids)
+    return y, logits, chosen.sum(dim=0), expert_ids, weights
+
+
+def random_moe_inputs(num_tokens, hidden, intermediate, num_experts, dtype=torch.float32, seed=0):
+    """x, router_weight, gate_up, down with scales that keep activations O(1)."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=generator, dtype=torch.float64) * scale).to(dtype)
+
+    x = randn(num_tokens, hidden)
+    router_weight = randn(num_experts, hidden, scale=hidden**-0.5)
+    gate_up = randn(num_experts, 2 * intermediate, hidden, scale=hidden**-0.5)
+    down = randn(num_experts, hidden, intermediate, scale=intermediate**-0.5)
+    return x, router_weight, gate_up, down
+
+
+def rel_err(actual, expected):
+    """max |actual - expected| / max |expected| (0 when both are 0)."""
+    actual, expected = actual.double(), expected.double()
+    scale = expected.abs().max().clamp_min(1e-30)
+    return ((actual - expected).abs().max() / scale).item()
+
+
+def test_oracle_matches_per_token_formula():
+    """The oracle itself, checked on a tiny case against the formula written per token and per slot."""
+    x, router_weight, gate_up, down = random_moe_inputs(5, 4, 3, 4, dtype=torch.float64, seed=1)
+    y, logits, counts, expert_ids, weights = moe_loop(x, router_weight, gate_up, down, top_k=2)
+    for token in range(5):
+        probs = torch.softmax(x[token] @ router_weight.T, dim=-1)
+        top = sorted(range(4), key=lambda e: -probs[e].item())[:2]
+        assert expert_ids[token].tolist() == top
+        expected = torch.zeros(4, dtype=torch.float64)
+        for expert in top:
+            gate, up = gate_up[expert, :3] @ x[token], gate_up[expert, 3:] @ x[token]
+            hidden = gate * torch.sigmoid(gate) * up
+            expected += probs[expert] / probs[top].sum() * (down[expert] @ hidden)
+        torch.testing.assert_close(y[token], expected, rtol=1e-12, atol=1e-12)
+    assert counts.sum().item() == 10
+    torch.testing.assert_close(weights.sum(dim=-1), torch.ones(5, dtype=torch.float64))
