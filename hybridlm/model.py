@@ -43,6 +43,7 @@ class TokenLayout:
     cu_seqlens: torch.Tensor | None = None  # [N+1] over the flattened row (B == 1 then)
     segment_ids: torch.Tensor | None = None  # [B,T] document index of each token
     position_in_doc: torch.Tensor | None = None  # [B,T] 0 at each document start
+    padding_mask: torch.Tensor | None = None  # [B,T] 1 for tokens, 0 for left padding (batched generation)
 
 
 class ModelCache:
@@ -71,6 +72,10 @@ class HybridBlock(nn.Module):
     ) -> tuple[torch.Tensor, RouterStats | None]:
         normed = self.input_layernorm(x)
         if self.layer_type == "gated_deltanet":
+            if layout.padding_mask is not None:
+                # A zero input adds nothing to the conv window or the recurrent state (no projection has a bias), so
+                # left padding leaves every prompt's state exactly as if it had not been padded.
+                normed = normed * layout.padding_mask[..., None].to(normed.dtype)
             mixed = self.linear_attn(normed, layout.cu_seqlens, layout.position_in_doc, cache)
         else:
             mixed = self.self_attn(normed, layout.position_ids, layout.segment_ids, cache)
@@ -143,10 +148,15 @@ class HybridLM(nn.Module):
         position_ids: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
         cache: ModelCache | None = None,
+        attention_mask: torch.Tensor | None = None,
     ) -> LMOutput:
         """input_ids [B,T]; labels [B,T] are next-token targets already aligned with the inputs (-100: no target);
-        cu_seqlens [N+1] marks document starts over the flattened B*T tokens (row starts included)."""
+        cu_seqlens [N+1] marks document starts over the flattened B*T tokens (row starts included).
+        attention_mask [B,T] (1: token, 0: left padding) covers this call's tokens; padding is its own segment for
+        attention and a zero input for GDN. When decoding with a cache, pass it on every call (and position_ids)."""
         B, T = input_ids.shape
+        if attention_mask is not None and cu_seqlens is not None:
+            raise ValueError("pass attention_mask (padded batch) or cu_seqlens (packed documents), not both")
         if cu_seqlens is not None:
             layout = layout_from_cu_seqlens(cu_seqlens, B * T)
             if position_ids is not None:
@@ -157,6 +167,9 @@ class HybridLM(nn.Module):
                 start = 0 if cache is None else cache.seen_tokens
                 position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
             layout = TokenLayout(position_ids=position_ids)
+            if attention_mask is not None:
+                layout.padding_mask = attention_mask
+                layout.segment_ids = attention_mask.to(torch.int64)
             x = self.embed_tokens(input_ids)
 
         stats: list[RouterStats] = []

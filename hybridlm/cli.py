@@ -1,0 +1,37 @@
+"""`hybridlm` console script. Each subcommand lives beside the code it drives and registers its own parser."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# (module, function that adds the subcommand's parser); imported lazily so `hybridlm --help` stays fast.
+SUBCOMMANDS = [
+    ("hybridlm.data.cli", "add_prepare_data_parser"),
+    ("hybridlm.export.cli", "add_export_parser"),
+    ("hybridlm.export.cli", "add_generate_parser"),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hybridlm", description=__doc__)
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for module_name, function_name in SUBCOMMANDS:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as error:
+            if error.name != module_name:
+                raise
+            continue
+        getattr(module, function_name)(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

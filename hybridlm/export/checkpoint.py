@@ -1,0 +1,279 @@
+"""Read any checkpoint we can export or import into our config + state dict (our parameter names).
+
+Sources, found from the path given:
+- a run directory (`out_dir`, holding `checkpoints/` with a `latest` pointer), a DeepSpeed save directory (with
+  `latest`) or one DeepSpeed checkpoint tag directory: ZeRO stage 0-2 model states, or ZeRO-1/2/3 optimizer shards
+  consolidated into fp32 masters with DeepSpeed's own `zero_to_fp32`;
+- a Hugging Face directory (config.json + safetensors) in the `hybridlm`, `qwen3_next` or `qwen3_5_moe` format.
+Every read is validated: no missing or truncated shard, tensors that match the config, no NaN or inf.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from hybridlm.config import ConfigError, ModelConfig
+from hybridlm.export.formats import ExportError, format_for_model_type
+from hybridlm.model import HybridLM
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+HYBRIDLM_PREFIX = "model."  # the HF wrapper holds HybridLM as `.model`
+
+
+@dataclass
+class Checkpoint:
+    config: ModelConfig
+    state_dict: dict[str, torch.Tensor]  # our parameter names
+    source: Path  # the directory the tensors were read from
+    kind: str  # deepspeed | hybridlm | qwen3_next | qwen3_5_moe
+    tokenizer_dir: Path | None = None
+    metadata: dict = field(default_factory=dict)  # step, tokens_trained, eval: whatever the source records
+
+    def build_model(self) -> HybridLM:
+        model = HybridLM(self.config)
+        model.load_state_dict(self.state_dict, strict=True)
+        return model.eval()
+
+
+def read_checkpoint(path: str | Path) -> Checkpoint:
+    """Find, read and validate the checkpoint at `path` (see the module docstring for what `path` may be)."""
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise ExportError(f"checkpoint path {str(root)!r} does not exist")
+    location = _locate(root)
+    if (location / "config.json").is_file():
+        ckpt = _read_hf_dir(location)
+    else:
+        ckpt = _read_deepspeed(location)
+    validate_state_dict(ckpt.config, ckpt.state_dict, str(location))
+    return ckpt
+
+
+def _locate(path: Path) -> Path:
+    """The directory that holds the tensors: follow run dir -> checkpoints/ -> latest -> tag."""
+    for _ in range(5):
+        if (path / "config.json").is_file() or any(path.glob("*model_states.pt")):
+            return path
+        engine_dirs = [d for d in path.iterdir() if d.is_dir() and any(d.glob("*model_states.pt"))]
+        if len(engine_dirs) == 1:  # the trainer's step_XXXXXXXX/engine/
+            path = engine_dirs[0]
+        elif (path / "latest").is_file():
+            tag = (path / "latest").read_text().strip()
+            if not (path / tag).is_dir():
+                raise ExportError(f"{path / 'latest'} points to {tag!r}, but {path / tag} does not exist")
+            path = path / tag
+        elif (path / "checkpoints").is_dir():
+            path = path / "checkpoints"
+        else:
+            break
+    raise ExportError(
+        f"no checkpoint found at {str(path)!r}: expected a run directory (with checkpoints/latest), a DeepSpeed "
+        "checkpoint directory (*model_states.pt) or an exported model (config.json + *.safetensors)"
+    )
+
+
+# --- Hugging Face directories --------------------------------------------------------------------------------------
+
+
+def load_safetensors_dir(directory: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors checkpoint (sharded with an index, or one file), refusing missing or damaged
+    shards before returning anything."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    index_path = directory / "model.safetensors.index.json"
+    if index_path.is_file():
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+        shards = sorted(set(weight_map.values()))
+        missing = [s for s in shards if not (directory / s).is_file()]
+        if missing:
+            raise ExportError(f"{directory}: shard(s) {missing} listed in {index_path.name} are missing; re-copy them")
+    elif (directory / "model.safetensors").is_file():
+        weight_map, shards = None, ["model.safetensors"]
+    else:
+        raise ExportError(f"{directory} has a config.json but no model.safetensors or model.safetensors.index.json")
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        try:
+            tensors.update(load_file(directory / shard))
+        except (SafetensorError, OSError, RuntimeError) as error:
+            message = f"{directory / shard} is truncated or corrupt ({error}); re-copy or re-export it"
+            raise ExportError(message) from error
+    if weight_map is not None:
+        absent = sorted(set(weight_map) - tensors.keys())
+        if absent:
+            raise ExportError(f"{directory}: tensors {absent[:8]} listed in the index are not in their shards")
+    return tensors
+
+
+def _read_hf_dir(directory: Path) -> Checkpoint:
+    hf = json.loads((directory / "config.json").read_text())
+    model_type = hf.get("model_type")
+    tensors = load_safetensors_dir(directory)
+    tokenizer_dir = directory if _has_tokenizer(directory) else None
+    metadata = hf.get("hybridlm_metadata", {})
+    if model_type == "hybridlm":
+        config = _model_config(hf.get("model") or {}, str(directory / "config.json"))
+        unprefixed = [k for k in tensors if not k.startswith(HYBRIDLM_PREFIX)]
+        if unprefixed:
+            raise ExportError(
+                f"{directory}: hybridlm tensors must start with {HYBRIDLM_PREFIX!r}; found {unprefixed[:4]}"
+            )
+        state = {k.removeprefix(HYBRIDLM_PREFIX): v for k, v in tensors.items()}
+        return Checkpoint(config, state, directory, "hybridlm", tokenizer_dir, metadata)
+    fmt = format_for_model_type(model_type)
+    if fmt is None:
+        raise ExportError(
+            f"{directory / 'config.json'} has model_type={model_type!r}; readable types are 'hybridlm', "
+            "'qwen3_next', 'qwen3_5_moe' and 'qwen3_5_moe_text'"
+        )
+    config = fmt.model_config(hf)
+    return Checkpoint(config, fmt.to_ours(config, tensors), directory, fmt.name, tokenizer_dir, metadata)
+
+
+# --- DeepSpeed checkpoints -----------------------------------------------------------------------------------------
+
+
+def _read_deepspeed(tag_dir: Path) -> Checkpoint:
+    config, config_path = _find_run_config(tag_dir)
+    zero_shards = sorted(tag_dir.glob("*zero_pp_rank_*_optim_states.pt"))
+    model_states_path = next(iter(sorted(tag_dir.glob("*model_states.pt"))))
+    model_states = _torch_load(model_states_path)
+    if zero_shards:
+        # ZeRO-1/2/3: the fp32 master weights live in the optimizer partitions; DeepSpeed consolidates them.
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        try:
+            state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+        except (FileNotFoundError, ValueError, RuntimeError, EOFError, KeyError) as error:
+            raise ExportError(f"cannot consolidate the ZeRO shards in {tag_dir}: {error}") from error
+    else:
+        state = model_states.get("module")
+        if not isinstance(state, dict):
+            raise ExportError(f"{model_states_path} has no 'module' state dict; is it a DeepSpeed checkpoint?")
+    state = {_strip_wrappers(k): v.detach().cpu() for k, v in state.items() if isinstance(v, torch.Tensor)}
+    metadata = _training_metadata(model_states, tag_dir)
+    return Checkpoint(config, state, tag_dir, "deepspeed", _find_tokenizer(tag_dir), metadata)
+
+
+def _torch_load(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (EOFError, RuntimeError, OSError) as error:
+        raise ExportError(f"{path} is truncated or corrupt ({error})") from error
+
+
+def _strip_wrappers(name: str) -> str:
+    for prefix in ("module.", "_orig_mod."):
+        name = name.removeprefix(prefix)
+    return name
+
+
+def _training_metadata(model_states: dict, tag_dir: Path) -> dict:
+    """Step, tokens trained and eval numbers: DeepSpeed's step count, then the trainer's state beside the engine
+    directory (`trainer_state_rank0.pt`: step, tokens_seen, eval when recorded)."""
+    meta = {}
+    if "global_steps" in model_states:
+        meta["step"] = int(model_states["global_steps"])
+    trainer_state_path = tag_dir.parent / "trainer_state_rank0.pt"
+    if trainer_state_path.is_file():
+        trainer_state = _torch_load(trainer_state_path)
+        for key, name in (("step", "step"), ("tokens_seen", "tokens_trained"), ("eval", "eval")):
+            if key in trainer_state:
+                meta[name] = trainer_state[key]
+    if "eval" not in meta:
+        evals = _last_validation(tag_dir, meta.get("step"))
+        if evals:
+            meta["eval"] = evals
+    return meta
+
+
+def _last_validation(tag_dir: Path, step: int | None) -> dict:
+    """The newest validation record at or before `step` in the run's metrics.jsonl (run/checkpoints/step/engine)."""
+    for directory in tag_dir.parents[:4]:
+        metrics = directory / "metrics.jsonl"
+        if metrics.is_file():
+            break
+    else:
+        return {}
+    found = {}
+    for line in metrics.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a crash
+        if "val_loss" in record and (step is None or record.get("step", 0) <= step):
+            found = {"step": record.get("step"), "val_loss": round(record["val_loss"], 4),
+                     "val_perplexity": round(math.exp(min(record["val_loss"], 50.0)), 2)}
+    return found
+
+
+def _find_run_config(tag_dir: Path) -> tuple[ModelConfig, Path]:
+    """The resolved training config saved beside the checkpoint (or in the run directory above it)."""
+    import yaml
+
+    for directory in (tag_dir, tag_dir.parent, tag_dir.parent.parent):
+        for path in sorted(directory.glob("*.yaml")) + sorted(directory.glob("*.yml")):
+            data = yaml.safe_load(path.read_text())
+            if isinstance(data, dict) and isinstance(data.get("model"), dict):
+                return _model_config(data["model"], str(path)), path
+    raise ExportError(
+        f"no config YAML with a `model:` section beside {tag_dir} or in the run directory; the trainer writes one "
+        "with each checkpoint, copy it there"
+    )
+
+
+def _model_config(values: dict, where: str) -> ModelConfig:
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ExportError(f"{where}: unknown model config key(s) {unknown}")
+    try:
+        return ModelConfig(**values)
+    except (ConfigError, TypeError) as error:
+        raise ExportError(f"{where}: invalid model config: {error}") from error
+
+
+def _has_tokenizer(directory: Path) -> bool:
+    return any((directory / name).is_file() for name in TOKENIZER_FILES)
+
+
+def _find_tokenizer(tag_dir: Path) -> Path | None:
+    for directory in (tag_dir, tag_dir.parent, tag_dir.parent.parent):
+        for candidate in (directory, directory / "tokenizer"):
+            if candidate.is_dir() and _has_tokenizer(candidate):
+                return candidate
+    return None
+
+
+# --- validation ----------------------------------------------------------------------------------------------------
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
+    """Names and shapes of every tensor of a model built from `cfg` (built on the meta device: no memory)."""
+    with torch.device("meta"):
+        model = HybridLM(cfg)
+    return {name: t.shape for name, t in model.state_dict().items()}
+
+
+def validate_state_dict(cfg: ModelConfig, state: dict[str, torch.Tensor], where: str) -> None:
+    """Refuse tensors that do not match the config (every missing, extra or misshapen one listed) or are not finite."""
+    expected = expected_shapes(cfg)
+    problems = [f"missing {name} {tuple(shape)}" for name, shape in expected.items() if name not in state]
+    problems += [f"unexpected {name} {tuple(state[name].shape)}" for name in state if name not in expected]
+    problems += [
+        f"{name} has shape {tuple(state[name].shape)}, the config needs {tuple(shape)}"
+        for name, shape in expected.items()
+        if name in state and state[name].shape != shape
+    ]
+    if problems:
+        raise ExportError(f"{where}: the tensors do not match the model config:\n  - " + "\n  - ".join(problems))
+    not_finite = [name for name, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if not_finite:
+        raise ExportError(f"{where}: NaN or inf in {not_finite}; export a checkpoint from before the divergence")

@@ -1,0 +1,58 @@
+"""Initialise a model from a checkpoint (`model.init_from=PATH`): a Qwen3-Next / Qwen3.5-MoE directory, a hybridlm
+export, or one of our run / DeepSpeed checkpoints. The architecture must match; training-only settings may differ."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from hybridlm.config import ModelConfig
+from hybridlm.export.checkpoint import read_checkpoint
+from hybridlm.export.formats import ExportError
+from hybridlm.model import HybridLM
+
+# Settings that change training or kernels but not what the weights compute.
+TRAINING_ONLY = {
+    "activation_checkpointing", "init_from", "initializer_range", "max_position_embeddings",
+    "gdn.a_init_min", "gdn.a_init_max", "gdn.dt_init_min", "gdn.dt_init_max", "gdn.backend",
+    "moe.bias_update_rate", "moe.aux_loss_coef", "moe.z_loss_coef", "moe.backend",
+}
+
+
+def _flatten(values: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def architecture_mismatches(ours: ModelConfig, theirs: ModelConfig) -> list[str]:
+    a, b = _flatten(dataclasses.asdict(ours)), _flatten(dataclasses.asdict(theirs))
+    if ours.layer_types == theirs.layer_types and ours.mlp_types == theirs.mlp_types:
+        for key in ("layer_pattern", "mlp_pattern"):  # GGGA x 2 == GGGAGGGA
+            a.pop(key), b.pop(key)
+    return [f"model.{k}: ours {a[k]!r}, checkpoint {b[k]!r}" for k in a if k not in TRAINING_ONLY and a[k] != b[k]]
+
+
+@torch.no_grad()
+def load_pretrained_into(model: HybridLM, path: str | Path) -> dict:
+    """Copy the checkpoint's weights into `model` in place (each tensor cast to the parameter's dtype and device).
+    Refuses, listing every difference, when the checkpoint's architecture is not the model's. Returns the
+    checkpoint's metadata (step, tokens trained, ...) for logging."""
+    ckpt = read_checkpoint(path)
+    problems = architecture_mismatches(model.config, ckpt.config)
+    if problems:
+        raise ExportError(
+            f"cannot initialise from {path}: its architecture differs from the model config:\n  - "
+            + "\n  - ".join(problems)
+            + "\nset the model config to the checkpoint's (e.g. the matching preset) or pick another checkpoint"
+        )
+    targets = model.state_dict()
+    for name, tensor in ckpt.state_dict.items():
+        targets[name].copy_(tensor)
+    return {"source": str(ckpt.source), "kind": ckpt.kind, **ckpt.metadata}

@@ -1,0 +1,161 @@
+"""Write a checkpoint as a Hugging Face model directory: sharded safetensors + index, config.json, tokenizer, model
+card; into a temporary directory that is renamed to OUT only when everything was written."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from hybridlm.config import ModelConfig
+from hybridlm.export.checkpoint import Checkpoint, read_checkpoint
+from hybridlm.export.formats import FORMATS, ExportError, config_to_dict
+
+log = logging.getLogger(__name__)
+
+EXPORT_FORMATS = ("hybridlm", *FORMATS)
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
+               "GIB": 2**30}
+
+
+def parse_size(size: str | int) -> int:
+    """'5GB' / '500MB' / '2GiB' / 1000000 -> bytes."""
+    if isinstance(size, int):
+        value = size
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(size))
+        if not match or match.group(2).upper() not in _SIZE_UNITS:
+            raise ExportError(f"shard_size={size!r} is not a size; write e.g. '5GB', '500MB' or a number of bytes")
+        value = int(float(match.group(1)) * _SIZE_UNITS[match.group(2).upper()])
+    if value <= 0:
+        raise ExportError(f"shard_size={size!r} must be positive")
+    return value
+
+
+def export_checkpoint(
+    src: str | Path,
+    out: str | Path,
+    format: str = "hybridlm",  # noqa: A002 - the CLI's --format
+    dtype: str = "bf16",
+    shard_size: str | int = "5GB",
+    push_to_hub: str | None = None,
+    private: bool = False,
+) -> Path:
+    """Export the checkpoint at `src` (run dir, DeepSpeed checkpoint or exported model) to the directory `out`.
+
+    format: 'hybridlm' (our model type, loads after `import hybridlm`), 'qwen3_next' or 'qwen3_5_moe' (plain
+    transformers, refused with every mismatch listed when the architecture does not fit). Pushes `out` to the Hub
+    repo `push_to_hub` when given (token from HF_TOKEN or the login cache). Returns `out`.
+    """
+    if format not in EXPORT_FORMATS:
+        raise ExportError(f"format={format!r}; choose one of {EXPORT_FORMATS}")
+    if dtype not in DTYPES:
+        raise ExportError(f"dtype={dtype!r}; choose one of {tuple(DTYPES)}")
+    max_shard_bytes = parse_size(shard_size)
+    out = Path(out).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ExportError(f"{out} already exists and is not empty; remove it or choose another output directory")
+    if push_to_hub is not None:
+        from hybridlm.export.hub import check_push_target
+
+        check_push_target(push_to_hub)
+    ckpt = read_checkpoint(src)
+    if format in FORMATS:
+        FORMATS[format].check_fits(ckpt.config)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        write_model_dir(ckpt, staging, format, DTYPES[dtype], max_shard_bytes)
+        if out.exists():
+            out.rmdir()  # empty (checked above); rename cannot replace a directory
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log.info("exported %s (%s) to %s as %s, %s", src, ckpt.kind, out, format, dtype)
+    if push_to_hub is not None:
+        from hybridlm.export.hub import push_folder
+
+        push_folder(out, push_to_hub, private=private)
+    return out
+
+
+def write_model_dir(
+    ckpt: Checkpoint, directory: Path, format: str, dtype: torch.dtype, max_shard_bytes: int  # noqa: A002
+) -> None:
+    """Weights, config, tokenizer and model card of `ckpt` in `format` into the existing directory."""
+    from huggingface_hub import save_torch_state_dict
+
+    cfg = ckpt.config
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in ckpt.state_dict.items()}
+    token_ids = _save_tokenizer(ckpt.tokenizer_dir, directory)
+    if format == "hybridlm":
+        tensors = {f"model.{name}": t.contiguous() for name, t in state.items()}
+        config = _hybridlm_config(cfg, dtype, token_ids, ckpt.metadata)
+    else:
+        tensors = FORMATS[format].to_theirs(cfg, state)
+        config = _checked_native_config(FORMATS[format].hf_config(cfg, dtype, token_ids), format)
+    save_torch_state_dict(tensors, directory, max_shard_size=max_shard_bytes, metadata={"format": "pt"})
+    (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if token_ids:
+        generation = {"bos_token_id": token_ids.get("bos_token_id"), "eos_token_id": token_ids.get("eos_token_id")}
+        (directory / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    from hybridlm.export.card import model_card
+
+    (directory / "README.md").write_text(model_card(cfg, format, dtype, ckpt.metadata))
+
+
+def _hybridlm_config(cfg: ModelConfig, dtype: torch.dtype, token_ids: dict, metadata: dict) -> dict:
+    from hybridlm.hf import HybridLMConfig
+
+    config = HybridLMConfig.from_model_config(
+        cfg, architectures=["HybridLMForCausalLM"], dtype=str(dtype).removeprefix("torch."), **token_ids
+    ).to_dict()
+    config["model"] = config_to_dict(cfg)
+    if metadata:
+        config["hybridlm_metadata"] = _jsonable(metadata)
+    return config
+
+
+def _checked_native_config(config: dict, format: str) -> dict:  # noqa: A002
+    """Round-trip through transformers' own config class so a value it rejects fails here, not at load time."""
+    from transformers import AutoConfig
+
+    values = {k: v for k, v in config.items() if k != "model_type"}
+    checked = AutoConfig.for_model(config["model_type"], **values)
+    if checked.layer_types != config["layer_types"]:
+        raise ExportError(f"transformers rewrote layer_types for {format}: {checked.layer_types}")
+    return config
+
+
+def _save_tokenizer(tokenizer_dir: Path | None, directory: Path) -> dict:
+    """Save the tokenizer beside the weights (loaded and re-saved, so AutoTokenizer can read it); its special ids."""
+    if tokenizer_dir is None:
+        log.warning("no tokenizer found beside the checkpoint; the export will not include one")
+        return {}
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tokenizer.save_pretrained(str(directory))
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+           "pad_token_id": tokenizer.pad_token_id}
+    return {k: v for k, v in ids.items() if v is not None}
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)

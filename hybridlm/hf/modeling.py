@@ -1,0 +1,96 @@
+"""HybridLMForCausalLM: a PreTrainedModel + GenerationMixin wrapper that delegates to the one model definition
+(`hybridlm.model.HybridLM`, held as `.model`)."""
+
+from __future__ import annotations
+
+import torch
+from transformers.generation import GenerationMixin
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_utils import PreTrainedModel
+
+from hybridlm.generate import positions_from_mask
+from hybridlm.hf.configuration import HybridLMConfig
+from hybridlm.layers.rope import RotaryEmbedding
+from hybridlm.model import IGNORE_INDEX, HybridLM, ModelCache
+
+class HybridLMCache:
+    """Our ModelCache, in the shape transformers' generate passes around as `past_key_values`."""
+
+    def __init__(self, cache: ModelCache):
+        self.cache = cache
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.cache.seen_tokens
+
+
+class HybridLMForCausalLM(PreTrainedModel, GenerationMixin):
+    config_class = HybridLMConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["HybridBlock"]
+    _is_stateful = True  # the GDN state cannot be rolled back: no assisted decoding
+    _supports_sdpa = True
+
+    def __init__(self, config: HybridLMConfig):
+        super().__init__(config)
+        self.model = HybridLM(config.model_config())
+        self.post_init()
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # our own cache is created in prepare_inputs_for_generation
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        # Weights come from the checkpoint (HybridLM initialises itself when built directly); the RoPE table is an
+        # unsaved buffer that from_pretrained leaves uninitialised after building on the meta device.
+        if isinstance(module, RotaryEmbedding):
+            module.reset_parameters()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: HybridLMCache | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """HF conventions: `labels` are the input ids (shifted here), `attention_mask` may span past + new tokens."""
+        T = input_ids.shape[1]
+        if attention_mask is not None:
+            if position_ids is None:
+                position_ids = positions_from_mask(attention_mask)[:, -T:]
+            attention_mask = attention_mask[:, -T:]
+        if use_cache and past_key_values is None:
+            past_key_values = HybridLMCache(self.model.new_cache())
+        cache = past_key_values.cache if past_key_values is not None else None
+        out = self.model(input_ids, position_ids=position_ids, cache=cache, attention_mask=attention_mask)
+        logits = out.logits[:, -logits_to_keep:] if logits_to_keep else out.logits
+        loss = None
+        if labels is not None:
+            targets = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)], dim=1)
+            loss = torch.nn.functional.cross_entropy(
+                out.logits.reshape(-1, out.logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX
+            )
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)
+
+    def prepare_inputs_for_generation(
+        self, input_ids, past_key_values=None, attention_mask=None, use_cache=True, **kwargs
+    ) -> dict:
+        seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        return {
+            "input_ids": input_ids[:, seen:],
+            "attention_mask": attention_mask,
+            "past_key_values": past_key_values,
+            "use_cache": use_cache,
+        }

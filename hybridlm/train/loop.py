@@ -1,0 +1,279 @@
+"""`run(cfg)`: build data, model and DeepSpeed engine, then train with logging, validation and checkpoints.
+
+Every rank runs this function; rank 0 alone prints, shows the progress bar, writes `out_dir/metrics.jsonl` (one JSON
+object per log or validation event; after a resume, events past the checkpoint may appear twice: the later one
+counts) and talks to wandb.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+from tqdm import tqdm
+
+from hybridlm.data import IGNORE_INDEX, build_data
+from hybridlm.model import HybridLM
+from hybridlm.train.checkpoint import (
+    load_checkpoint,
+    resolve_resume,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from hybridlm.train.config import TrainConfig
+from hybridlm.train.engine import DistInfo, build_engine, init_distributed, resolve_precision
+from hybridlm.train.metrics import MetricsWindow, peak_flops_per_device
+from hybridlm.train.preemption import PreemptionHandler
+
+
+class Reporter:
+    """Rank-0 output: console (above the progress bar), metrics.jsonl and wandb."""
+
+    def __init__(self, cfg: TrainConfig, info: DistInfo, start_step: int):
+        self.active = info.is_main
+        self.bar = tqdm(
+            total=cfg.trainer.max_steps,
+            initial=start_step,
+            unit="step",
+            dynamic_ncols=True,
+            disable=not (self.active and cfg.trainer.progress_bar),
+        )
+        self.metrics_file = Path(cfg.trainer.out_dir) / "metrics.jsonl"
+        self.wandb = None
+        if self.active and cfg.wandb.mode != "disabled":
+            import wandb
+
+            self.wandb = wandb.init(
+                mode=cfg.wandb.mode,
+                project=cfg.wandb.project,
+                name=cfg.wandb.name or Path(cfg.trainer.out_dir).resolve().name,
+                entity=cfg.wandb.entity or None,
+                tags=list(cfg.wandb.tags),
+                dir=cfg.trainer.out_dir,
+                config=OmegaConf.to_container(OmegaConf.structured(cfg)),
+            )
+
+    def say(self, text: str) -> None:
+        if self.active:
+            if self.bar.disable:
+                print(text, flush=True)
+            else:
+                tqdm.write(text)
+
+    def record(self, step: int, values: dict) -> None:
+        if not self.active:
+            return
+        with self.metrics_file.open("a") as f:
+            f.write(json.dumps({"step": step, **values}) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(values, step=step)
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _build_data_in_turn(cfg: TrainConfig, info: DistInfo):
+    """Rank 0 first (it may train the tokenizer and fill the token cache), then the first rank of each other node
+    (node-local caches), then everyone else reads the cache."""
+    turns = (info.rank == 0, info.rank != 0 and info.local_rank == 0, info.local_rank != 0)
+    bundle = None
+    for my_turn in turns:
+        if my_turn:
+            bundle = build_data(
+                cfg.data,
+                seq_len=cfg.trainer.seq_len,
+                micro_batch_size=cfg.deepspeed.micro_batch_size,
+                rank=info.rank,
+                world_size=info.world_size,
+                seed=cfg.trainer.seed,
+                model_vocab_size=cfg.model.vocab_size,
+            )
+        dist.barrier()
+    return bundle
+
+
+def _validate(engine, bundle, max_batches: int, device: torch.device) -> float:
+    """Token-weighted mean cross-entropy over `max_batches` validation batches per rank, averaged over ranks."""
+    sums = torch.zeros(2, dtype=torch.float64, device=device)
+    engine.eval()
+    with torch.no_grad():
+        for batch in bundle.val_batches(max_batches):
+            batch = {key: value.to(device) for key, value in batch.items()}
+            out = engine(**batch)
+            targets = (batch["labels"] != IGNORE_INDEX).sum()
+            sums += torch.stack([out.ce_loss.double() * targets, targets.double()])
+    engine.train()
+    dist.all_reduce(sums)
+    return float(sums[0] / sums[1])
+
+
+def run(cfg: TrainConfig) -> dict:
+    """Train until trainer.max_steps (or an early stop). Returns the final step, checkpoint and validation loss."""
+    trainer = cfg.trainer
+    resume_from = resolve_resume(trainer.resume, trainer.out_dir)  # fail on a bad resume before any heavy work
+    info = init_distributed()
+    if info.device.type == "cpu" and trainer.cpu_threads:
+        torch.set_num_threads(trainer.cpu_threads)
+    Path(trainer.out_dir).mkdir(parents=True, exist_ok=True)
+    _seed_everything(trainer.seed)
+    bundle = _build_data_in_turn(cfg, info)
+    _seed_everything(trainer.seed)  # same initial weights on every rank, whatever the data build consumed
+    model = HybridLM(cfg.model)
+    if cfg.model.init_from and resume_from is None:  # a resumed run's weights come from its checkpoint
+        from hybridlm.export.load import load_pretrained_into
+
+        source = load_pretrained_into(model, cfg.model.init_from)
+        if info.is_main:
+            print(f"initialised the weights from {source['source']} ({source['kind']})", flush=True)
+    engine = build_engine(model, cfg, info)
+
+    step, tokens_seen = 0, 0
+    if resume_from is not None:
+        state = load_checkpoint(engine, resume_from, info.rank, info.world_size)
+        bundle.train.load_state_dict(state["loader"])
+        set_rng_state(state["rng"])
+        step, tokens_seen = state["step"], state["tokens_seen"]
+
+    report = Reporter(cfg, info, step)
+    counts = cfg.model.parameter_counts()
+    flops_per_token = cfg.model.flops_per_token(trainer.seq_len)
+    peak_flops = peak_flops_per_device(info.device)
+    ds = cfg.deepspeed
+    tokens_per_step = ds.micro_batch_size * ds.grad_accum_steps * info.world_size * trainer.seq_len
+    report.say(
+        f"model: {counts['total'] / 1e6:.2f} M parameters, {counts['active'] / 1e6:.2f} M active per token, "
+        f"{flops_per_token / 1e6:.1f} MFLOP/token | layers {cfg.model.layer_pattern} x mlp {cfg.model.mlp_pattern}, "
+        f"{cfg.model.num_layers} deep"
+    )
+    report.say(
+        f"data: {cfg.data.source}, vocab {bundle.vocab_size}, {bundle.stats} | unigram baseline "
+        f"{bundle.unigram_loss:.4f} nats/token"
+    )
+    report.say(
+        f"engine: {info.world_size} rank(s) on {info.device.type}, ZeRO {ds.zero_stage}, "
+        f"{resolve_precision(ds.precision, info.device)}, {tokens_per_step} tokens/step "
+        f"({ds.micro_batch_size} x {trainer.seq_len} x {ds.grad_accum_steps} accum x {info.world_size} ranks)"
+    )
+    report.say(f"resumed from {resume_from} at step {step}" if resume_from else f"fresh run in {trainer.out_dir}")
+
+    config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    moe_layer_ids = [i for i, kind in enumerate(cfg.model.mlp_types) if kind == "moe"]
+    window = MetricsWindow(info.device, moe_layer_ids)
+    preemption = PreemptionHandler(trainer.preempt_signals, info.device).install()
+    # ZeRO 0 in fp32 clips inside DeepSpeed without keeping the norm; measure it before the step instead.
+    measure_grad_norm = ds.zero_stage == 0 and not engine.bfloat16_enabled()
+    checkpoint, val_loss, evaluated_step = resume_from, None, None
+
+    def save() -> Path:
+        trainer_state = {
+            "step": step,
+            "tokens_seen": tokens_seen,
+            "loader": bundle.train.state_dict(),
+            "rng": rng_state(),
+        }
+        return save_checkpoint(
+            engine, trainer.out_dir, step, trainer_state, config_yaml, bundle.tokenizer, trainer.keep_last
+        )
+
+    start_time = time.perf_counter()
+    stop_reason = "max_steps" if step >= trainer.max_steps else None
+    window.reset()
+    while stop_reason is None:
+        lr = engine.lr_scheduler.get_last_lr()[0]
+        for _ in range(ds.grad_accum_steps):
+            batch = {key: value.to(info.device, non_blocking=True) for key, value in next(bundle.train).items()}
+            out = engine(**batch)
+            engine.backward(out.loss)
+            if engine.is_gradient_accumulation_boundary():
+                if measure_grad_norm:
+                    window.add_grad_norm(
+                        torch.nn.utils.get_total_norm([p.grad for p in engine.module.parameters() if p.grad is not None])
+                    )
+                engine.step()
+                if not measure_grad_norm:
+                    window.add_grad_norm(engine.get_global_grad_norm())
+            else:
+                engine.step()
+            window.add_micro_batch(out, batch["input_ids"].numel() * info.world_size)
+        engine.module.update_moe_selection_bias()
+        step += 1
+        tokens_seen += tokens_per_step
+        report.bar.update(1)
+
+        if step >= trainer.max_steps:
+            stop_reason = "max_steps"
+        elif trainer.stop_at_step and step >= trainer.stop_at_step:
+            stop_reason = f"trainer.stop_at_step={trainer.stop_at_step}"
+        elif preemption.agree():  # collective: every rank stops after this same step
+            stop_reason = "preemption signal"
+
+        if step % trainer.log_every == 0 or stop_reason:
+            metrics = window.summarize(flops_per_token, peak_flops, info.world_size)
+            metrics.update(lr=lr, tokens_seen=tokens_seen)
+            report.record(step, metrics)
+            report.bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr:.2e}")
+            report.say(_format_log(step, trainer.max_steps, metrics))
+
+        window.pause()
+        final = stop_reason is not None
+        if (trainer.eval_every and step % trainer.eval_every == 0) or (final and stop_reason == "max_steps"):
+            val_loss, evaluated_step = _validate(engine, bundle, trainer.eval_batches, info.device), step
+            report.record(step, {"val_loss": val_loss, "unigram_loss": bundle.unigram_loss})
+            report.say(
+                f"step {step}: val loss {val_loss:.4f} (ppl {np.exp(min(val_loss, 50)):.1f}) | unigram baseline "
+                f"{bundle.unigram_loss:.4f} | ratio {val_loss / bundle.unigram_loss:.3f}"
+            )
+            target = trainer.stop_at_val_below_unigram_ratio
+            if not final and target and val_loss < target * bundle.unigram_loss:
+                stop_reason = f"val loss below {target} x unigram baseline"
+        if (trainer.save_every and step % trainer.save_every == 0) or stop_reason:
+            checkpoint = save()
+        window.resume()
+
+    report.close()
+    elapsed = time.perf_counter() - start_time
+    report.say(f"stopped at step {step}/{trainer.max_steps} ({stop_reason}) after {elapsed:.0f} s")
+    if val_loss is not None:
+        report.say(f"final val loss {val_loss:.4f} (step {evaluated_step}) vs unigram baseline {bundle.unigram_loss:.4f}")
+    report.say(f"checkpoint: {checkpoint}")
+    if stop_reason == "preemption signal":
+        preemption.requeue()  # the checkpoint is saved on every rank; does not return
+    preemption.uninstall()
+    return {
+        "step": step,
+        "checkpoint": checkpoint,
+        "val_loss": val_loss,
+        "unigram_loss": bundle.unigram_loss,
+        "stop_reason": stop_reason,
+    }
+
+
+def _format_log(step: int, max_steps: int, metrics: dict) -> str:
+    parts = [
+        f"step {step}/{max_steps}",
+        f"loss {metrics['loss']:.4f} ce {metrics['ce_loss']:.4f} aux {metrics['aux_loss']:.4f} "
+        f"z {metrics['z_loss']:.4f}",
+    ]
+    if "grad_norm" in metrics:
+        parts.append(f"grad {metrics['grad_norm']:.3f}")
+    parts.append(f"lr {metrics['lr']:.2e}")
+    parts.append(f"{metrics['tokens_per_s']:,.0f} tok/s")
+    parts.append(f"MFU {metrics['mfu']:.1%}" if "mfu" in metrics else "MFU n/a")
+    if "moe_load_max_over_mean/worst" in metrics:
+        parts.append(f"expert load max/mean {metrics['moe_load_max_over_mean/worst']:.2f}")
+    return " | ".join(parts)

@@ -1,0 +1,101 @@
+"""Training metrics: losses averaged over a logging window, throughput, MFU and MoE expert load."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+
+# Dense bf16 tensor-core peak per GPU (no sparsity), matched against torch.cuda.get_device_name() in this order.
+PEAK_BF16_FLOPS = (
+    ("H200", 989e12),
+    ("H100", 989e12),
+    ("H800", 989e12),
+    ("GH200", 989e12),
+    ("B200", 2250e12),
+    ("A100", 312e12),
+    ("A800", 312e12),
+    ("L40S", 362e12),
+    ("A10G", 70e12),
+    ("RTX 4090", 165e12),
+    ("RTX 3090", 71e12),
+)
+
+
+def peak_flops_per_device(device: torch.device) -> float | None:
+    """bf16 dense peak of this device, or None when unknown (CPU, unlisted GPU): MFU is then reported as n/a."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16_FLOPS if key in name), None)
+
+
+def expert_load_ratio(counts: torch.Tensor) -> float:
+    """max / mean tokens per expert: 1.0 is a perfectly even load, num_experts means one expert takes everything."""
+    counts = counts.double()
+    mean = counts.mean()
+    return float(counts.max() / mean) if mean > 0 else float("nan")
+
+
+class MetricsWindow:
+    """Sums over the micro-batches since the last log, kept on device so logging steps are the only syncs."""
+
+    LOSSES = ("loss", "ce_loss", "aux_loss", "z_loss")
+
+    def __init__(self, device: torch.device, moe_layer_ids: list[int]):
+        self.device = device
+        self.moe_layer_ids = moe_layer_ids  # block index of each MoE layer, in forward order
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss_sums = torch.zeros(len(self.LOSSES), dtype=torch.float64, device=self.device)
+        self.micro_batches = 0
+        self.tokens = 0  # input tokens over all ranks
+        self.expert_counts: list[torch.Tensor] | None = None
+        self.grad_norms: list[torch.Tensor] = []
+        self.seconds = 0.0
+        self._started = time.perf_counter()
+
+    def pause(self) -> None:
+        """Stop the clock (validation, checkpoints) so tokens/s measures training only."""
+        self.seconds += time.perf_counter() - self._started
+
+    def resume(self) -> None:
+        self._started = time.perf_counter()
+
+    def add_micro_batch(self, out, tokens: int) -> None:
+        self.loss_sums += torch.stack([getattr(out, name).detach().double() for name in self.LOSSES])
+        self.micro_batches += 1
+        self.tokens += tokens
+        if out.expert_counts:
+            counts = [c.detach().to(torch.int64) for c in out.expert_counts]
+            self.expert_counts = counts if self.expert_counts is None else [
+                a + b for a, b in zip(self.expert_counts, counts)
+            ]
+
+    def add_grad_norm(self, norm) -> None:
+        if norm is not None:
+            self.grad_norms.append(torch.as_tensor(norm, dtype=torch.float64, device=self.device))
+
+    def summarize(self, flops_per_token: float, peak_flops: float | None, world_size: int) -> dict[str, float]:
+        """Average over the window and over ranks (collective: every rank calls it)."""
+        self.pause()
+        sums = self.loss_sums.clone()
+        if world_size > 1:
+            dist.all_reduce(sums)
+        means = (sums / (self.micro_batches * world_size)).tolist()
+        metrics = dict(zip(self.LOSSES, means))
+        if self.grad_norms:
+            metrics["grad_norm"] = float(torch.stack(self.grad_norms).mean())
+        tokens_per_s = self.tokens / max(self.seconds, 1e-9)
+        metrics["tokens_per_s"] = tokens_per_s
+        if peak_flops is not None:
+            metrics["mfu"] = flops_per_token * tokens_per_s / (peak_flops * world_size)
+        if self.expert_counts is not None:  # already summed over data-parallel ranks by the model
+            ratios = [expert_load_ratio(counts) for counts in self.expert_counts]
+            for layer, ratio in zip(self.moe_layer_ids, ratios):
+                metrics[f"moe_load_max_over_mean/layer{layer}"] = ratio
+            metrics["moe_load_max_over_mean/worst"] = max(ratios)
+        self.reset()
+        return metrics

@@ -1,0 +1,178 @@
+"""Hydra configs: every preset composes and validates; typos, wrong types and bad values fail naming the key."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ValidationError
+
+from hybridlm.config import ConfigError
+from hybridlm.train.config import OptimConfig, TrainConfig, register_configs, to_train_config
+from hybridlm.train.engine import deepspeed_config
+from hybridlm.train.metrics import expert_load_ratio
+from hybridlm.train.schedule import lr_multiplier
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+register_configs()
+
+
+def load(*overrides: str) -> TrainConfig:
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        cfg = compose(config_name="train", overrides=list(overrides))
+    return to_train_config(cfg)
+
+
+def group_options(group: str) -> list[str]:
+    return sorted(path.stem for path in (CONFIG_DIR / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("model", group_options("model"))
+def test_model_presets_validate(model):
+    cfg = load(f"model={model}")
+    assert isinstance(cfg, TrainConfig)
+    assert cfg.model.parameter_counts()["total"] > 0
+
+
+@pytest.mark.parametrize("deepspeed", group_options("deepspeed"))
+@pytest.mark.parametrize("optim", group_options("optim"))
+def test_optim_and_deepspeed_presets_validate(optim, deepspeed):
+    cfg = load(f"optim={optim}", f"deepspeed={deepspeed}")
+    assert cfg.deepspeed.zero_stage == int(deepspeed.removeprefix("zero"))
+    assert cfg.optim.schedule == {"adamw_cosine": "cosine", "adamw_wsd": "wsd"}[optim]
+
+
+def test_data_presets_validate_and_file_sources_demand_paths():
+    assert load("data=stdlib").data.source == "stdlib"
+    assert load("data=mqar").data.source == "mqar"
+    for source in ("text_files", "memmap"):
+        with pytest.raises(ValueError, match=r"needs data\.paths"):
+            load(f"data={source}")
+        assert load(f"data={source}", "data.paths=[/some/where]").data.paths == ["/some/where"]
+
+
+@pytest.mark.parametrize("experiment", group_options("experiment"))
+def test_experiments_validate(experiment):
+    cfg = load(f"experiment={experiment}")
+    assert cfg.trainer.out_dir.endswith(experiment)
+
+
+def test_smoke_experiment_is_the_cpu_tiny_run():
+    cfg = load("experiment=smoke")
+    assert (cfg.data.source, cfg.deepspeed.zero_stage, cfg.deepspeed.precision) == ("stdlib", 0, "auto")
+    assert cfg.model.layer_pattern == "GGGA" and set(cfg.model.mlp_types) == {"dense", "moe"}
+    assert cfg.trainer.stop_at_val_below_unigram_ratio > 0
+    assert 1e6 <= cfg.model.parameter_counts()["total"] <= 5e6
+    assert cfg.model.vocab_size == 4096 >= cfg.data.vocab_size
+
+
+def test_qwen3_next_tiny_follows_qwen3_next_conventions():
+    model = load("model=qwen3_next_tiny").model
+    assert model.layer_types[:4] == ["gated_deltanet"] * 3 + ["attention"]
+    assert set(model.mlp_types) == {"moe"} and model.zero_centered_norm and not model.tie_embeddings
+    assert model.attention.output_gate and model.attention.qk_norm and model.attention.partial_rotary_factor == 0.25
+    assert model.moe.score_func == "softmax" and model.moe.renormalize and model.moe.shared_expert_intermediate_size > 0
+
+
+def test_gpu_1b_is_about_1b_total_200m_active():
+    counts = load("model=gpu_1b").model.parameter_counts()
+    assert 0.85e9 <= counts["total"] <= 1.15e9, counts
+    assert 0.17e9 <= counts["active"] <= 0.23e9, counts
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("trainer.max_step=5", "max_step"),  # typo of an existing key
+        ("+trainer.max_step=5", "max_step"),  # adding an unknown key
+        ("model.hiden_size=64", "hiden_size"),
+        ("deepspeed.zero=3", "zero"),
+    ],
+)
+def test_unknown_keys_fail_naming_the_key(override, key):
+    with pytest.raises((ConfigCompositionException, ConfigError)) as error:
+        load(override)
+    assert key in str(error.value) + str(error.value.__cause__)
+
+
+@pytest.mark.parametrize(
+    "override, key", [("trainer.max_steps=many", "max_steps"), ("model.moe.renormalize=maybe", "renormalize")]
+)
+def test_wrong_types_fail_naming_the_key(override, key):
+    with pytest.raises((ConfigCompositionException, ValidationError)) as error:
+        load(override)
+    assert key in str(error.value) + str(error.value.__cause__)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["trainer.max_steps=0"], "trainer.max_steps=0"),
+        (["deepspeed.zero_stage=4"], "deepspeed.zero_stage=4"),
+        (["deepspeed.precision=fp8"], "deepspeed.precision='fp8'"),
+        (["deepspeed.offload_param=cpu"], "zero_stage=3"),
+        (["optim.schedule=linear"], "optim.schedule='linear'"),
+        (["optim.warmup_steps=100", "trainer.max_steps=50"], "optim.warmup_steps=100"),
+        (["optim=adamw_wsd", "optim.warmup_steps=90", "trainer.max_steps=100"], "WSD decay"),
+        (["wandb.mode=sometimes"], "wandb.mode='sometimes'"),
+        (["trainer.preempt_signals=[SIGUSR1,SIGNOPE]"], "SIGNOPE"),
+        (["trainer.stop_at_step=2000"], "trainer.stop_at_step=2000"),
+        (["model.moe.top_k=9"], "model.moe.top_k=9"),
+        (["model.layer_pattern=GGX"], "model.layer_pattern"),
+        (["trainer.seq_len=8192"], "max_position_embeddings"),
+    ],
+)
+def test_bad_values_fail_before_any_work(overrides, message):
+    with pytest.raises((ConfigError, ValueError)) as error:
+        load(*overrides)
+    assert message in str(error.value)
+
+
+def test_lr_schedules_against_closed_forms():
+    warmup, max_steps, floor = 10, 110, 0.1
+    cosine = lr_multiplier(OptimConfig(schedule="cosine", warmup_steps=warmup, min_lr_ratio=floor), max_steps)
+    assert [cosine(s) for s in range(warmup)] == pytest.approx([(s + 1) / warmup for s in range(warmup)])
+    assert cosine(warmup) == pytest.approx(1.0)
+    assert cosine(max_steps - 1) == pytest.approx(floor)
+    middle = warmup + (max_steps - 1 - warmup) / 2  # half way along the cosine: the mean of 1 and the floor
+    assert cosine(int(middle)) == pytest.approx(floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * 0.5)), abs=0.02)
+    values = [cosine(s) for s in range(warmup, max_steps)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+    wsd = lr_multiplier(OptimConfig(schedule="wsd", warmup_steps=warmup, decay_fraction=0.2, min_lr_ratio=0.0), 100)
+    assert [wsd(s) for s in range(warmup, 80)] == [1.0] * (80 - warmup)  # stable until the last 20 steps
+    assert [wsd(s) for s in (80, 89, 99)] == pytest.approx([1 - 1 / 20, 1 - 10 / 20, 0.0])
+
+    constant = lr_multiplier(OptimConfig(schedule="constant", warmup_steps=0), 100)
+    assert {constant(s) for s in range(100)} == {1.0}
+
+
+def test_deepspeed_config_dict_and_extra_merge():
+    import torch
+
+    cfg = load(
+        "deepspeed=zero3",
+        "deepspeed.grad_accum_steps=4",
+        "deepspeed.offload_param=cpu",
+        "+deepspeed.extra.zero_optimization.stage3_max_live_parameters=1000",
+        "+deepspeed.extra.bf16.enabled=true",
+    )
+    config = deepspeed_config(cfg.deepspeed, cfg.optim, torch.device("cpu"))
+    assert config["train_micro_batch_size_per_gpu"] == 8 and config["gradient_accumulation_steps"] == 4
+    assert config["gradient_clipping"] == cfg.optim.grad_clip
+    zero = config["zero_optimization"]
+    assert zero["stage"] == 3 and zero["offload_param"]["device"] == "cpu"
+    assert zero["stage3_max_live_parameters"] == 1000  # merged in, siblings kept
+    assert config["bf16"]["enabled"] is True  # extra wins over precision=auto (fp32 on CPU)
+    assert deepspeed_config(load().deepspeed, cfg.optim, torch.device("cpu"))["bf16"]["enabled"] is False
+
+
+def test_expert_load_ratio():
+    import torch
+
+    assert expert_load_ratio(torch.tensor([5, 5, 5, 5])) == 1.0
+    assert expert_load_ratio(torch.tensor([8, 0, 0, 0])) == 4.0
+    assert expert_load_ratio(torch.tensor([3, 1, 2, 2])) == 1.5

@@ -1,0 +1,106 @@
+"""Cached decoding: the cache gives the logits of a full forward pass, greedy cached == uncached, and left-padded
+batches give each prompt's own continuation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hybridlm.config import AttentionConfig, GatedDeltaNetConfig, ModelConfig, MoEConfig
+from hybridlm.generate import generate, left_pad, positions_from_mask
+from hybridlm.model import HybridLM
+
+# fp32 on CPU; the cached path runs the recurrent form of the delta rule, the full pass the chunked form.
+TOLERANCE = 1e-4
+
+
+def make_model(seed: int = 0, **overrides) -> HybridLM:
+    values = dict(
+        vocab_size=101,
+        hidden_size=32,
+        num_layers=4,
+        layer_pattern="GGAG",
+        mlp_pattern="MD",
+        intermediate_size=48,
+        gdn=GatedDeltaNetConfig(num_k_heads=2, num_v_heads=4, head_k_dim=8, head_v_dim=8),
+        attention=AttentionConfig(num_heads=4, num_kv_heads=2, head_dim=8, partial_rotary_factor=0.5),
+        moe=MoEConfig(num_experts=4, top_k=2, intermediate_size=16, shared_expert_intermediate_size=16),
+    )
+    values.update(overrides)
+    torch.manual_seed(seed)
+    return HybridLM(ModelConfig(**values)).eval()
+
+
+PROMPTS = [[5, 17, 3, 99, 42, 7, 8], [11, 2, 60], [9]]
+
+
+@torch.no_grad()
+def test_cache_gives_the_full_forward_logits_step_by_step():
+    model = make_model()
+    tokens = torch.randint(0, 101, (2, 9), generator=torch.Generator().manual_seed(1))
+    full = model(tokens).logits
+    cache = model.new_cache()
+    prefix = model(tokens[:, :5], cache=cache).logits
+    steps = [model(tokens[:, t : t + 1], cache=cache).logits for t in range(5, 9)]
+    assert (prefix - full[:, :5]).abs().max() <= TOLERANCE
+    assert (torch.cat(steps, dim=1) - full[:, 5:]).abs().max() <= TOLERANCE
+    assert cache.seen_tokens == 9
+    assert {"conv", "recurrent"} <= cache.layers[0].keys() and {"k", "v"} <= cache.layers[2].keys()
+
+
+@pytest.mark.parametrize("overrides", [{}, {"attention": AttentionConfig(num_heads=2, num_kv_heads=1, head_dim=8,
+                                                                           sliding_window=4)}])
+def test_greedy_cached_equals_uncached_on_a_padded_batch(overrides):
+    model = make_model(**overrides)
+    ids, mask = left_pad(PROMPTS, pad_id=0)
+    cached = generate(model, ids, mask, max_new_tokens=8, use_cache=True)
+    uncached = generate(model, ids, mask, max_new_tokens=8, use_cache=False)
+    assert torch.equal(cached, uncached)
+    assert torch.equal(cached[:, : ids.shape[1]], ids)
+
+
+def test_each_padded_prompt_continues_as_if_alone():
+    model = make_model(seed=3)
+    ids, mask = left_pad(PROMPTS, pad_id=1)
+    batched = generate(model, ids, mask, max_new_tokens=8)
+    for row, prompt in enumerate(PROMPTS):
+        alone = generate(model, torch.tensor([prompt]), max_new_tokens=8)
+        assert torch.equal(batched[row, -8:], alone[0, -8:]), f"prompt {row} changed by batching"
+
+
+@torch.no_grad()
+def test_padding_does_not_change_the_prompt_logits():
+    model = make_model(seed=4)
+    ids, mask = left_pad(PROMPTS, pad_id=7)
+    padded = model(ids, position_ids=positions_from_mask(mask), attention_mask=mask).logits
+    for row, prompt in enumerate(PROMPTS):
+        alone = model(torch.tensor([prompt])).logits[0]
+        assert (padded[row, -len(prompt) :] - alone).abs().max() <= TOLERANCE
+
+
+def test_eos_stops_a_row_and_sampling_is_seeded():
+    model = make_model(seed=5)
+    ids, mask = left_pad(PROMPTS, pad_id=0)
+    greedy = generate(model, ids, mask, max_new_tokens=6)
+    eos = int(greedy[0, ids.shape[1]])  # row 0's first new token
+    stopped = generate(model, ids, mask, max_new_tokens=6, eos_token_id=eos)
+    assert (stopped[0, ids.shape[1] :] == eos).all()
+    draws = [generate(model, ids, mask, max_new_tokens=6, temperature=1.0, top_k=5,
+                      generator=torch.Generator().manual_seed(9)) for _ in range(2)]
+    assert torch.equal(draws[0], draws[1])
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda m: generate(m, torch.tensor([[1, 2]]), torch.tensor([[1, 0]])), "left-padded"),
+        (lambda m: generate(m, torch.tensor([[1, 2]]), max_new_tokens=-1), "max_new_tokens=-1"),
+        (lambda m: generate(m, torch.tensor([[1, 2]]), temperature=-0.5), "temperature=-0.5"),
+        (lambda m: left_pad([[1], []], 0), "empty prompt"),
+        (lambda m: m(torch.tensor([[1, 2]]), cu_seqlens=torch.tensor([0, 2]), attention_mask=torch.ones(1, 2)),
+         "not both"),
+    ],
+)
+def test_bad_generation_input_is_refused(call, match):
+    with pytest.raises(ValueError, match=match):
+        call(make_model())

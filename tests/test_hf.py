@@ -1,0 +1,68 @@
+"""`import hybridlm` registers the hybridlm model type with AutoConfig / AutoModelForCausalLM, lazily: it imports
+neither transformers nor torch itself, and registration works whichever of the two is imported first. Each case runs
+in a fresh interpreter, where the import order is under the test's control."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from hybridlm.config import AttentionConfig, GatedDeltaNetConfig, ModelConfig, MoEConfig
+from hybridlm.export.checkpoint import Checkpoint
+from hybridlm.export.writer import write_model_dir
+from hybridlm.model import HybridLM
+
+LOAD_AND_SCORE = """
+from transformers import AutoConfig, AutoModelForCausalLM
+config = AutoConfig.from_pretrained(path)
+model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+with torch.no_grad():
+    logits = model(torch.arange(12)[None] % config.vocab_size).logits
+torch.save({"config": type(config).__name__, "model": type(model).__name__, "logits": logits}, result)
+"""
+
+
+def run_python(code: str) -> None:
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("hf")
+    cfg = ModelConfig(
+        vocab_size=64, hidden_size=32, num_layers=2, layer_pattern="GA", mlp_pattern="MD", intermediate_size=32,
+        gdn=GatedDeltaNetConfig(num_k_heads=2, num_v_heads=2, head_k_dim=8, head_v_dim=8),
+        attention=AttentionConfig(num_heads=2, num_kv_heads=1, head_dim=16, partial_rotary_factor=0.5),
+        moe=MoEConfig(num_experts=4, top_k=2, intermediate_size=16, shared_expert_intermediate_size=16),
+    )
+    torch.manual_seed(0)
+    model = HybridLM(cfg).eval()
+    write_model_dir(Checkpoint(cfg, model.state_dict(), directory, "test"), directory, "hybridlm", torch.float32, 10**9)
+    with torch.no_grad():
+        expected = model(torch.arange(12)[None] % 64).logits
+    return directory, expected
+
+
+def test_import_hybridlm_stays_light():
+    run_python(
+        "import sys, hybridlm\n"
+        "heavy = sorted(m for m in ('torch', 'transformers') if m in sys.modules)\n"
+        "assert not heavy, f'import hybridlm imported {heavy}'\n"
+    )
+
+
+@pytest.mark.parametrize("first", ["hybridlm", "transformers"])
+def test_auto_classes_load_the_export_whichever_is_imported_first(exported, tmp_path, first):
+    directory, expected = exported
+    result = tmp_path / "result.pt"
+    prelude = "import hybridlm\n"
+    if first == "transformers":
+        prelude = "import transformers.models.auto.modeling_auto\nimport hybridlm\n"
+    run_python(f"import torch\n{prelude}path, result = {str(directory)!r}, {str(result)!r}\n{LOAD_AND_SCORE}")
+    out = torch.load(result)
+    assert (out["config"], out["model"]) == ("HybridLMConfig", "HybridLMForCausalLM")
+    assert torch.equal(out["logits"], expected)

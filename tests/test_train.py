@@ -1,0 +1,161 @@
+"""End-to-end training through train.py (CPU, fp32, tiny model on a few stdlib files).
+
+One uninterrupted reference run serves several tests: it must lower the loss and leave pruned, complete checkpoints;
+a run that crashes in the middle of a save and is then auto-resumed must reproduce its losses exactly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from helpers.crash_during_save import CRASH_EXIT_CODE
+from helpers.launch import REPO, read_metrics, tiny_run, train
+
+from hybridlm.train.checkpoint import complete_checkpoints, is_checkpoint, resolve_resume
+
+MAX_STEPS, SAVE_EVERY, KEEP_LAST = 20, 5, 2
+CRASH_STEP = 10  # dies while publishing this step's checkpoint: step 5's stays the newest complete one
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("data_cache")
+
+
+def run_overrides(data_cache: Path) -> list[str]:
+    return tiny_run(data_cache) + [
+        f"trainer.max_steps={MAX_STEPS}",
+        f"trainer.save_every={SAVE_EVERY}",
+        f"trainer.keep_last={KEEP_LAST}",
+    ]
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, data_cache):
+    out_dir = tmp_path_factory.mktemp("reference") / "run"
+    result = train(out_dir, run_overrides(data_cache))
+    return out_dir, result
+
+
+def test_training_lowers_the_loss_and_saves_complete_checkpoints(reference_run):
+    out_dir, result = reference_run
+    losses = [record["loss"] for _, record in sorted(read_metrics(out_dir).items())]
+    assert len(losses) == MAX_STEPS
+    first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
+    assert last < first - 0.3, f"loss did not drop: first steps {losses[:4]}, last steps {losses[-4:]}"
+
+    (val,) = read_metrics(out_dir, key="val_loss").values()
+    assert val["step"] == MAX_STEPS and val["val_loss"] < losses[0]
+    assert val["unigram_loss"] > 0 and "unigram baseline" in result.stdout
+
+    checkpoints = complete_checkpoints(out_dir)
+    assert [path.name for path in checkpoints] == ["step_00000015", "step_00000020"]  # keep_last=2 pruned 5, 10
+    final = checkpoints[-1]
+    assert (final.parent / "latest").read_text().strip() == final.name
+    assert f"checkpoint: {final}" in result.stdout
+    assert (final / "config.yaml").is_file() and (final / "tokenizer" / "tokenizer.json").is_file()
+    state = torch.load(final / "trainer_state_rank0.pt", weights_only=False)
+    assert state["step"] == MAX_STEPS and state["tokens_seen"] == MAX_STEPS * 2 * 64
+    assert {"python", "numpy", "torch"} <= set(state["rng"]) and "loader" in state
+    assert not list((out_dir / "checkpoints").glob(".tmp-*"))
+
+
+def test_crash_mid_save_then_auto_resume_reproduces_the_uninterrupted_losses(reference_run, data_cache, tmp_path):
+    reference_dir, _ = reference_run
+    out_dir = tmp_path / "run"
+    crashed = train(
+        out_dir,
+        run_overrides(data_cache),
+        prefix=[REPO / "tests" / "helpers" / "crash_during_save.py", CRASH_STEP],
+        check=False,
+    )
+    assert crashed.returncode == CRASH_EXIT_CODE, crashed.stderr[-3000:]
+    assert [path.name for path in complete_checkpoints(out_dir)] == ["step_00000005"]
+    assert (out_dir / "checkpoints" / f".tmp-step_{CRASH_STEP:08d}").is_dir()  # written, never published
+    assert resolve_resume("auto", out_dir).name == "step_00000005"
+
+    resumed = train(out_dir, run_overrides(data_cache))  # trainer.resume=auto
+    assert f"resumed from {out_dir / 'checkpoints' / 'step_00000005'} at step 5" in resumed.stdout
+    expected, got = read_metrics(reference_dir), read_metrics(out_dir)
+    for step in range(6, MAX_STEPS + 1):
+        for key in ("loss", "ce_loss", "aux_loss", "z_loss", "grad_norm", "lr"):
+            assert got[step][key] == expected[step][key], f"step {step} {key}: {got[step][key]} != {expected[step][key]}"
+    assert not list((out_dir / "checkpoints").glob(".tmp-*"))  # the next save cleared the crash's leftovers
+    assert [path.name for path in complete_checkpoints(out_dir)] == ["step_00000015", "step_00000020"]
+
+
+def test_init_from_a_checkpoint_starts_from_its_weights(reference_run, data_cache, tmp_path):
+    reference_dir, _ = reference_run
+    source = complete_checkpoints(reference_dir)[-1]
+    overrides = tiny_run(data_cache) + ["trainer.max_steps=1", "optim.warmup_steps=0", f"model.init_from={source}"]
+    result = train(tmp_path / "run", overrides)
+    assert "initialised the weights from" in result.stdout
+    (first,) = read_metrics(tmp_path / "run").values()
+    reference = read_metrics(reference_dir)
+    # The first loss is that of trained weights (a fresh model starts near ln(512) = 6.24).
+    assert first["ce_loss"] < reference[1]["ce_loss"] - 0.3, (first["ce_loss"], reference[1]["ce_loss"])
+
+
+def test_wandb_offline_logs_locally(data_cache, tmp_path):
+    out_dir = tmp_path / "run"
+    train(out_dir, tiny_run(data_cache) + ["trainer.max_steps=3", "wandb.mode=offline"])
+    (run_dir,) = (out_dir / "wandb").glob("offline-run-*")
+    assert any(run_dir.glob("*.wandb"))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["trainer.max_steps=0"], "trainer.max_steps=0 must be > 0"),
+        (["model.moe.top_k=9"], "model.moe.top_k=9"),
+        (["+trainer.max_step=5"], "unknown config key 'trainer.max_step'"),
+        (["trainer.resume=/no/such/checkpoint"], "is not a checkpoint directory"),
+        (["data=text_files", "data.paths=[/no/such/dir/*.txt]", "data.cache_dir=/tmp"], "/no/such/dir"),
+        (["model.vocab_size=300"], "vocab_size"),  # the 512-token BPE does not fit the model
+    ],
+)
+def test_bad_input_fails_before_training(overrides, message, data_cache, tmp_path):
+    out_dir = tmp_path / "run"
+    result = train(out_dir, tiny_run(data_cache) + ["trainer.max_steps=5", *overrides], check=False)
+    assert result.returncode != 0
+    assert message in result.stdout + result.stderr, result.stderr[-3000:]
+    assert not (out_dir / "metrics.jsonl").exists() and not (out_dir / "checkpoints").exists()
+
+
+def test_resume_never_refuses_a_run_directory_with_checkpoints(reference_run, data_cache):
+    out_dir, _ = reference_run
+    before = sorted(path.name for path in complete_checkpoints(out_dir))
+    result = train(out_dir, run_overrides(data_cache) + ["trainer.resume=never"], check=False)
+    assert result.returncode != 0 and "trainer.resume=never" in result.stderr
+    assert sorted(path.name for path in complete_checkpoints(out_dir)) == before
+    assert all(is_checkpoint(path) for path in complete_checkpoints(out_dir))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_two_rank_zero_matches_single_process_gradient_accumulation(zero_stage, data_cache, tmp_path):
+    """2 gloo ranks x 2 rows under ZeRO 2/3 see the same rows per step as 1 process x 2 micro-batches of 2 rows:
+    same losses and gradient norms up to summation order; then a resume of the sharded checkpoint continues."""
+    steps = 6
+    base = tiny_run(data_cache) + [f"trainer.max_steps={steps}"]
+    single = train(tmp_path / "single", base + ["deepspeed.grad_accum_steps=2"])
+    sharded_dir = tmp_path / f"zero{zero_stage}"
+    sharded = train(sharded_dir, base + [f"deepspeed=zero{zero_stage}", "deepspeed.micro_batch_size=2"], nproc=2)
+    assert "2 rank(s) on cpu" in single.stdout + sharded.stdout
+    expected, got = read_metrics(tmp_path / "single"), read_metrics(sharded_dir)
+    assert sorted(got) == list(range(1, steps + 1))
+    for step in got:
+        assert got[step]["ce_loss"] == pytest.approx(expected[step]["ce_loss"], rel=1e-4), step
+        assert got[step]["grad_norm"] == pytest.approx(expected[step]["grad_norm"], rel=1e-3), step
+        assert got[step]["tokens_seen"] == expected[step]["tokens_seen"]
+    final = complete_checkpoints(sharded_dir)[-1]
+    assert sorted(p.name for p in final.glob("trainer_state_rank*.pt")) == [
+        "trainer_state_rank0.pt",
+        "trainer_state_rank1.pt",
+    ]
+    more = train(sharded_dir, base[:-1] + [f"trainer.max_steps={steps + 2}", f"deepspeed=zero{zero_stage}",
+                                           "deepspeed.micro_batch_size=2"], nproc=2)
+    assert f"at step {steps}" in more.stdout
+    assert max(read_metrics(sharded_dir)) == steps + 2
