@@ -35,7 +35,7 @@ def run_overrides(data_cache: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory, data_cache):
     out_dir = tmp_path_factory.mktemp("reference") / "run"
-    result = train(out_dir, run_overrides(data_cache))
+    result = train(out_dir, run_overrides(data_cache) + ["trainer.export_format=hybridlm", "trainer.export_dtype=fp32"])
     return out_dir, result
 
 
@@ -159,3 +159,32 @@ def test_two_rank_zero_matches_single_process_gradient_accumulation(zero_stage, 
                                            "deepspeed.micro_batch_size=2"], nproc=2)
     assert f"at step {steps}" in more.stdout
     assert max(read_metrics(sharded_dir)) == steps + 2
+
+
+def test_export_at_the_end_of_training_loads_with_auto_classes(reference_run):
+    from transformers import AutoModelForCausalLM
+
+    import hybridlm  # noqa: F401 - registers the hybridlm model type
+    from hybridlm.export.checkpoint import read_checkpoint
+
+    out_dir, result = reference_run
+    exported = out_dir / "export" / f"hybridlm-step_{MAX_STEPS:08d}"
+    assert f"exported (hybridlm, fp32): {exported}" in result.stdout
+    model = AutoModelForCausalLM.from_pretrained(exported).eval()
+    trained = read_checkpoint(complete_checkpoints(out_dir)[-1]).state_dict
+    exported_state = model.state_dict()
+    assert trained
+    for name, tensor in trained.items():
+        assert torch.equal(exported_state[f"model.{name}"], tensor), name  # fp32 export: bit for bit
+
+
+def test_an_export_format_that_does_not_fit_fails_before_training(data_cache, tmp_path):
+    # Qwen3-Next has no sliding-window attention: the run must stop before building data or a model.
+    failed = train(
+        tmp_path / "run",
+        run_overrides(data_cache) + ["trainer.export_format=qwen3_next", "model.attention.sliding_window=16"],
+        check=False,
+    )
+    assert failed.returncode != 0
+    assert "sliding_window" in failed.stderr + failed.stdout
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -109,6 +109,9 @@ class TrainerConfig:
     preempt_signals: list[str] = field(default_factory=lambda: ["SIGUSR1"])
     stop_at_step: int = 0  # >0: save and stop after this step, schedule unchanged (jobs split by a time limit)
     stop_at_val_below_unigram_ratio: float = 0.0  # >0: stop once val loss < this * the unigram baseline
+    # At the end of a run (not on preemption): export the final checkpoint to out_dir/export/FORMAT-step_N.
+    export_format: str = ""  # "" (no export) | hybridlm | qwen3_next | qwen3_5_moe
+    export_dtype: str = "bf16"  # bf16 | fp32
 
     def __post_init__(self) -> None:
         _require(bool(self.out_dir), "trainer.out_dir is empty; give the run a directory")
@@ -119,6 +122,15 @@ class TrainerConfig:
             _require(getattr(self, key) >= 0, f"trainer.{key}={getattr(self, key)} must be >= 0 (0 disables)")
         _require(self.eval_batches > 0, f"trainer.eval_batches={self.eval_batches} must be > 0")
         _require(bool(self.resume), "trainer.resume is empty; use auto, never or a checkpoint directory")
+        export_formats = ("", "hybridlm", "qwen3_next", "qwen3_5_moe")
+        _require(
+            self.export_format in export_formats,
+            f"trainer.export_format={self.export_format!r}; choose one of {export_formats} ('' for no export)",
+        )
+        _require(
+            self.export_dtype in ("bf16", "fp32"),
+            f"trainer.export_dtype={self.export_dtype!r}; choose bf16 or fp32",
+        )
         _require(
             self.stop_at_step <= self.max_steps,
             f"trainer.stop_at_step={self.stop_at_step} is past trainer.max_steps={self.max_steps}",

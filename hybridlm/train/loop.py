@@ -126,6 +126,11 @@ def run(cfg: TrainConfig) -> dict:
     """Train until trainer.max_steps (or an early stop). Returns the final step, checkpoint and validation loss."""
     trainer = cfg.trainer
     resume_from = resolve_resume(trainer.resume, trainer.out_dir)  # fail on a bad resume before any heavy work
+    if trainer.export_format:  # an architecture the target format cannot express fails now, not at the end
+        from hybridlm.export.formats import FORMATS
+
+        if trainer.export_format in FORMATS:
+            FORMATS[trainer.export_format].check_fits(cfg.model)
     info = init_distributed()
     if info.device.type == "cpu" and trainer.cpu_threads:
         torch.set_num_threads(trainer.cpu_threads)
@@ -254,12 +259,25 @@ def run(cfg: TrainConfig) -> dict:
     if stop_reason == "preemption signal":
         preemption.requeue()  # the checkpoint is saved on every rank; does not return
     preemption.uninstall()
+    exported = None
+    if trainer.export_format:
+        exported = Path(trainer.out_dir) / "export" / f"{trainer.export_format}-step_{step:08d}"
+        # Every rank's shards are on disk (save_checkpoint ends with a barrier). The export is written to a temporary
+        # directory and renamed, so an existing one is complete: a rerun of a finished run keeps it.
+        if info.is_main and not exported.exists():
+            from hybridlm.export import export_checkpoint
+
+            export_checkpoint(checkpoint, exported, format=trainer.export_format, dtype=trainer.export_dtype)
+        report.say(f"exported ({trainer.export_format}, {trainer.export_dtype}): {exported}")
+        if dist.is_initialized():
+            dist.barrier()
     return {
         "step": step,
         "checkpoint": checkpoint,
         "val_loss": val_loss,
         "unigram_loss": bundle.unigram_loss,
         "stop_reason": stop_reason,
+        "export": exported,
     }
 
 
