@@ -11,6 +11,7 @@ SUBCOMMANDS = [
     ("hybridlm.data.cli", "add_prepare_data_parser"),
     ("hybridlm.export.cli", "add_export_parser"),
     ("hybridlm.export.cli", "add_generate_parser"),
+    ("hybridlm.evaluate.cli", "add_eval_parser"),
 ]
 
 
@@ -18,13 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hybridlm", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", required=True)
     for module_name, function_name in SUBCOMMANDS:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as error:
-            if error.name != module_name:
-                raise
-            continue
-        getattr(module, function_name)(subparsers)
+        getattr(importlib.import_module(module_name), function_name)(subparsers)
     return parser
 
 

@@ -66,7 +66,10 @@ def _rank() -> int:
 class PreemptionHandler:
     """Catches the configured signals (plus submitit's own under submitit) and turns them into a clean stop."""
 
-    def __init__(self, signals: Sequence[str], device: torch.device | str = "cpu"):
+    def __init__(self, signals: Sequence[str], device: torch.device | str | None = None):
+        """`device`: where agree()'s all-reduce tensor lives; None: the current CUDA device under NCCL, else CPU.
+        Nothing here needs the process group, so install() can run before it exists (a signal during start-up
+        then stops the run after its first step)."""
         names = [signals] if isinstance(signals, str) else list(signals)
         self.signals = list(dict.fromkeys(parse_signal(name) for name in names if name))
         self.device = device
@@ -111,9 +114,12 @@ class PreemptionHandler:
 
         if not (dist.is_initialized() and dist.get_world_size() > 1):
             return self.requested
-        device = torch.device(self.device)
-        if dist.get_backend() == "nccl" and device.type != "cuda":
+        if self.device is not None:
+            device = torch.device(self.device)
+        elif dist.get_backend() == "nccl":
             device = torch.device("cuda", torch.cuda.current_device())
+        else:
+            device = torch.device("cpu")
         flag = torch.tensor([int(self.requested)], dtype=torch.int32, device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())

@@ -1,0 +1,171 @@
+"""Shared pieces of the end-to-end benchmarks (train_throughput.py, decode.py): device checks, model presets, the
+transformers twin of a hybridlm model with identical weights, and timing."""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+RESULTS = REPO / "eval" / "bench" / "results"
+# Dense bf16 tensor-core peak (TFLOP/s) for MFU, by a substring of torch.cuda.get_device_name().
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "B200": 2250.0, "L40S": 362.0}
+
+
+def require_device(device: str, tiny: bool) -> None:
+    """Exit with a clear message when the benchmark cannot run here."""
+    import torch
+
+    if device == "cpu" and not tiny:
+        sys.exit("the full benchmark needs a CUDA GPU (bf16, fla kernels); on CPU only the smoke mode runs: "
+                 "add --tiny (with --device cpu)")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit("no CUDA GPU is visible (torch.cuda.is_available() is False): run this on a GPU machine, or try "
+                 "the plumbing with --device cpu --tiny")
+
+
+def prepare_cpu(device: str) -> None:
+    """On CPU, hide fla from transformers (its Triton kernels need a GPU) and use Triton's interpreter for ours.
+    Must run before torch/transformers are imported."""
+    import os
+
+    if device == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+        sys.modules["fla"] = None
+
+
+def load_model_config(path: Path, **overrides):
+    """A ModelConfig from a configs/model/*.yaml file, with dataclass field overrides."""
+    import yaml
+
+    from hybridlm.config import ModelConfig
+
+    values = yaml.safe_load(Path(path).read_text())
+    return dataclasses.replace(ModelConfig(**values), **overrides)
+
+
+def tiny_config(**overrides):
+    """A qwen3_next-exportable model small enough for the CPU smoke mode."""
+    return load_model_config(REPO / "configs" / "model" / "qwen3_next_tiny.yaml", num_layers=4, vocab_size=512,
+                             **overrides)
+
+
+def match_parameters(base, layer_pattern: str):
+    """`base` with another layer pattern and the FFN width changed so the total parameter count stays as close as
+    possible (attention and GDN layers differ in size)."""
+    target = base.parameter_counts()["total"]
+    moe = "moe" in base.mlp_types
+
+    def with_width(width: int):
+        if moe:
+            return dataclasses.replace(base, layer_pattern=layer_pattern,
+                                       moe=dataclasses.replace(base.moe, intermediate_size=width))
+        return dataclasses.replace(base, layer_pattern=layer_pattern, intermediate_size=width)
+
+    start = base.moe.intermediate_size if moe else base.intermediate_size
+    widths = range(max(8, start // 4), start * 4 + 1, 8)
+    return min((with_width(w) for w in widths), key=lambda cfg: abs(cfg.parameter_counts()["total"] - target))
+
+
+def build_hybridlm(cfg, device, dtype, seed: int = 0):
+    import torch
+
+    from hybridlm.model import HybridLM
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = HybridLM(cfg)
+    return model.to(dtype)
+
+
+def build_transformers_twin(model, device, dtype, experts_implementation: str = "grouped_mm"):
+    """transformers' Qwen3NextForCausalLM with `model`'s weights, through our qwen3_next export and
+    `from_pretrained` (the path users take). On CUDA it uses fla's kernels for the Gated DeltaNet layers when fla is
+    installed, as transformers does by default; `experts_implementation` picks its MoE path."""
+    import tempfile
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from hybridlm.export.checkpoint import Checkpoint
+    from hybridlm.export.writer import write_model_dir
+
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    with tempfile.TemporaryDirectory(prefix="hybridlm-twin-") as directory:
+        write_model_dir(Checkpoint(model.config, state, Path(directory), "hybridlm"), Path(directory), "qwen3_next",
+                        dtype, 1 << 40)
+        twin = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, attn_implementation="sdpa",
+                                                    experts_implementation=experts_implementation)
+    return twin.to(device)
+
+
+def synchronize(device) -> None:
+    import torch
+
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def reset_peak_memory(device) -> None:
+    import torch
+
+    if str(device).startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory_gib(device) -> float | None:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**30 if str(device).startswith("cuda") else None
+
+
+def time_steps(step, device, warmup: int, iters: int) -> list[float]:
+    """Seconds per call of `step()` over `iters` timed calls after `warmup` untimed ones."""
+    for _ in range(warmup):
+        step()
+    synchronize(device)
+    times = []
+    for _ in range(iters):
+        started = time.perf_counter()
+        step()
+        synchronize(device)
+        times.append(time.perf_counter() - started)
+    return times
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def peak_tflops(device, override: float = 0.0) -> float | None:
+    import torch
+
+    if override:
+        return override
+    if not str(device).startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name(torch.device(device))
+    return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in name), None)
+
+
+def device_tag(device) -> str:
+    """Short name for result files: cpu, h100, a100, ..."""
+    import re
+
+    import torch
+
+    if not str(device).startswith("cuda"):
+        return "cpu"
+    name = torch.cuda.get_device_name(torch.device(device))
+    known = next((key for key in PEAK_BF16_TFLOPS if key in name), None)
+    return (known or re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")).lower()
+
+
+def is_oom(error: BaseException) -> bool:
+    import torch
+
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()

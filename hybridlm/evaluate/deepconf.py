@@ -1,0 +1,290 @@
+"""DeepConf: confidence-filtered parallel reasoning (Fu et al. 2025, "Deep Think with Confidence"), online variant.
+
+Per generated token, the confidence is the mean negative log-probability of the model's `top_k` most likely
+candidates: a peaked distribution puts little mass on the runners-up, so their log-probabilities are very negative
+and the confidence is high. A trace's group confidence is the mean token confidence over a sliding window of
+`window` tokens; its score is its lowest group confidence (the weakest stretch of reasoning).
+
+Online algorithm for one problem with a budget of N traces:
+  1. generate `num_warmup` traces in full;
+  2. threshold = the (1 - keep_fraction) percentile of their scores (keep_fraction 0.9: "DeepConf-high",
+     0.1: "DeepConf-low");
+  3. generate the other N - num_warmup traces, stopping a trace as soon as a full window's group confidence falls
+     under the threshold (its tokens are spent, its answer is dropped);
+  4. vote among the traces whose score reaches the threshold, each weighted by its score.
+The baseline is plain majority voting over N traces generated in full with the same sampler.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+AnswerFn = Callable[[list[int]], Hashable | None]  # generated token ids -> answer, None when there is none
+
+
+@dataclass
+class DeepConfConfig:
+    num_traces: int = 16  # N: the budget of traces per problem, shared with the majority-vote baseline
+    num_warmup: int = 4  # traces generated in full to calibrate the stopping threshold
+    keep_fraction: float = 0.9  # share of warm-up scores at or above the threshold (0.9 high, 0.1 low)
+    window: int = 8  # tokens per group confidence
+    top_k: int = 5  # candidates per token confidence
+    temperature: float = 1.0
+    max_new_tokens: int = 64
+
+    def __post_init__(self) -> None:
+        for name in ("num_traces", "num_warmup", "window", "top_k", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"deepconf {name}={getattr(self, name)} must be >= 1")
+        if self.num_warmup > self.num_traces:
+            raise ValueError(
+                f"deepconf num_warmup={self.num_warmup} exceeds num_traces={self.num_traces}; "
+                "the warm-up traces are part of the budget, lower num_warmup"
+            )
+        if not 0.0 < self.keep_fraction <= 1.0:
+            raise ValueError(f"deepconf keep_fraction={self.keep_fraction} must be in (0, 1] (0.9 high, 0.1 low)")
+        if self.temperature <= 0:
+            raise ValueError(f"deepconf temperature={self.temperature} must be > 0 (sampling is what makes N traces)")
+
+
+@dataclass
+class Trace:
+    tokens: list[int]  # generated ids, prompt excluded, stop token included
+    token_confidences: list[float]
+    finished: bool = False  # emitted a stop token
+    stopped_early: bool = False  # cut by the confidence threshold
+    answer: Hashable | None = None
+    score: float = float("nan")  # lowest group confidence
+
+
+def token_confidence(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """[..., V] logits -> [...] mean negative log-probability of the top_k candidates (high = confident)."""
+    if top_k > logits.shape[-1]:
+        raise ValueError(f"top_k={top_k} exceeds the vocabulary of {logits.shape[-1]} tokens")
+    log_probs = F.log_softmax(logits.float(), dim=-1)
+    return -log_probs.topk(top_k, dim=-1).values.mean(dim=-1)
+
+
+def group_confidences(confidences: Sequence[float], window: int) -> np.ndarray:
+    """Mean confidence of every full window of `window` consecutive tokens; one group of all tokens when the
+    trace is shorter than a window, none when it is empty."""
+    values = np.asarray(confidences, dtype=np.float64)
+    if len(values) < window:
+        return values.mean(keepdims=True) if len(values) else values
+    sums = np.convolve(values, np.ones(window), mode="valid")
+    return sums / window
+
+
+def lowest_group_confidence(confidences: Sequence[float], window: int) -> float:
+    groups = group_confidences(confidences, window)
+    return float(groups.min()) if len(groups) else float("nan")
+
+
+def calibrate_threshold(scores: Sequence[float], keep_fraction: float) -> float:
+    """The score that `keep_fraction` of the warm-up traces reach."""
+    finite = np.asarray([s for s in scores if math.isfinite(s)], dtype=np.float64)
+    if len(finite) == 0:
+        raise ValueError("no warm-up trace has a confidence score (all were empty); raise max_new_tokens")
+    return float(np.percentile(finite, 100.0 * (1.0 - keep_fraction)))
+
+
+def weighted_vote(answers: Sequence[Hashable | None], weights: Sequence[float]) -> Hashable | None:
+    """The answer with the largest total weight (ties: the one seen first); None answers do not vote."""
+    totals: dict[Hashable, float] = {}
+    for answer, weight in zip(answers, weights, strict=True):
+        if answer is not None:
+            totals[answer] = totals.get(answer, 0.0) + float(weight)
+    if not totals:
+        return None
+    return max(totals, key=totals.__getitem__)  # max keeps the first of equal keys, i.e. insertion order
+
+
+def majority_vote(answers: Sequence[Hashable | None]) -> Hashable | None:
+    return weighted_vote(answers, [1.0] * len(answers))
+
+
+def _select_cache_rows(cache, keep: torch.Tensor) -> None:
+    """Drop finished traces from a batched decoding cache: every cached tensor is batch-first."""
+    for layer in cache.layers:
+        for key, value in layer.items():
+            if isinstance(value, torch.Tensor):
+                layer[key] = value.index_select(0, keep)
+
+
+@torch.no_grad()
+def generate_traces(
+    model,
+    prompt_ids: Sequence[int],
+    num_traces: int,
+    *,
+    stop_token_ids: Sequence[int],
+    cfg: DeepConfConfig,
+    threshold: float | None = None,
+    generator: torch.Generator | None = None,
+) -> list[Trace]:
+    """Sample `num_traces` continuations of one prompt as a batch, recording each token's confidence.
+
+    With `threshold`, a trace stops as soon as the mean confidence of its last `cfg.window` tokens is below it;
+    stopped and finished traces leave the batch, so their compute ends there too.
+    """
+    if len(prompt_ids) == 0:
+        raise ValueError("the prompt is empty; give at least one token")
+    device = next(model.parameters()).device
+    traces = [Trace(tokens=[], token_confidences=[]) for _ in range(num_traces)]
+    active = list(range(num_traces))  # trace index of each batch row
+    stop = torch.tensor(list(stop_token_ids), device=device, dtype=torch.long)
+    cache = model.new_cache()
+    inputs = torch.tensor([list(prompt_ids)] * num_traces, device=device, dtype=torch.long)
+    for _ in range(cfg.max_new_tokens):
+        logits = model(inputs, cache=cache).logits[:, -1]
+        confidence = token_confidence(logits, cfg.top_k).tolist()
+        probs = F.softmax(logits.float() / cfg.temperature, dim=-1)
+        sampled = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        is_stop = torch.isin(sampled, stop).tolist()
+        keep_rows = []
+        for row, trace_index in enumerate(active):
+            trace = traces[trace_index]
+            trace.tokens.append(int(sampled[row]))
+            trace.token_confidences.append(confidence[row])
+            if is_stop[row]:
+                trace.finished = True
+            elif threshold is not None and len(trace.token_confidences) >= cfg.window and (
+                sum(trace.token_confidences[-cfg.window :]) / cfg.window < threshold
+            ):
+                trace.stopped_early = True
+            else:
+                keep_rows.append(row)
+        if not keep_rows:
+            break
+        if len(keep_rows) < len(active):
+            keep = torch.tensor(keep_rows, device=device)
+            _select_cache_rows(cache, keep)
+            sampled = sampled.index_select(0, keep)
+            active = [active[row] for row in keep_rows]
+        inputs = sampled[:, None]
+    for trace in traces:
+        trace.score = lowest_group_confidence(trace.token_confidences, cfg.window)
+    return traces
+
+
+@dataclass
+class VoteResult:
+    answer: Hashable | None
+    traces: list[Trace]
+    tokens: int  # generated, including those of traces stopped early
+    threshold: float | None = None
+    voters: int = 0
+
+
+def majority_baseline(model, prompt_ids, answer_fn: AnswerFn, *, stop_token_ids, cfg: DeepConfConfig,
+                      generator: torch.Generator | None = None) -> VoteResult:
+    """N traces in full, one vote each."""
+    traces = generate_traces(model, prompt_ids, cfg.num_traces, stop_token_ids=stop_token_ids, cfg=cfg,
+                             generator=generator)
+    for trace in traces:
+        trace.answer = answer_fn(trace.tokens)
+    answers = [t.answer for t in traces]
+    return VoteResult(majority_vote(answers), traces, sum(len(t.tokens) for t in traces),
+                      voters=sum(a is not None for a in answers))
+
+
+def deepconf_online(model, prompt_ids, answer_fn: AnswerFn, *, stop_token_ids, cfg: DeepConfConfig,
+                    generator: torch.Generator | None = None) -> VoteResult:
+    """Warm-up, calibrated early stopping, then a confidence-weighted vote over the traces that pass."""
+    warmup = generate_traces(model, prompt_ids, cfg.num_warmup, stop_token_ids=stop_token_ids, cfg=cfg,
+                             generator=generator)
+    threshold = calibrate_threshold([t.score for t in warmup], cfg.keep_fraction)
+    rest = generate_traces(model, prompt_ids, cfg.num_traces - cfg.num_warmup, stop_token_ids=stop_token_ids,
+                           cfg=cfg, threshold=threshold, generator=generator) if cfg.num_traces > cfg.num_warmup else []
+    traces = warmup + rest
+    voters = [t for t in traces if not t.stopped_early and t.score >= threshold]
+    for trace in voters:
+        trace.answer = answer_fn(trace.tokens)
+    answer = weighted_vote([t.answer for t in voters], [t.score for t in voters])
+    return VoteResult(answer, traces, sum(len(t.tokens) for t in traces), threshold,
+                      voters=sum(t.answer is not None for t in voters))
+
+
+@dataclass
+class DeepConfReport:
+    """Accuracy and tokens of DeepConf against majority voting with the same N, over a set of problems."""
+
+    config: dict
+    problems: int
+    majority_accuracy: float
+    deepconf_accuracy: float
+    # The confidence-weighted, filtered vote applied to the baseline's full traces: the vote's effect alone.
+    weighted_vote_full_traces_accuracy: float
+    majority_tokens: int
+    deepconf_tokens: int
+    traces_stopped_early: int
+    single_trace_accuracy: float  # mean over the baseline's traces: what one sample gets right
+    per_problem: list[dict] = field(default_factory=list)
+
+    @property
+    def tokens_saved(self) -> float:
+        return 1.0 - self.deepconf_tokens / max(self.majority_tokens, 1)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "tokens_saved": self.tokens_saved}
+
+
+def evaluate_deepconf(model, problems: Sequence[tuple[Sequence[int], Hashable]], answer_fn: AnswerFn, *,
+                      stop_token_ids: Sequence[int], cfg: DeepConfConfig, seed: int = 0,
+                      progress: bool = False) -> DeepConfReport:
+    """Run the baseline and DeepConf on every (prompt ids, gold answer) problem; both sample with seeded RNGs."""
+    if not problems:
+        raise ValueError("no problems to evaluate")
+    from tqdm.auto import tqdm
+
+    model.eval()
+    device = next(model.parameters()).device
+    majority_correct = deepconf_correct = weighted_correct = 0
+    single_correct = single_total = 0
+    majority_tokens = deepconf_tokens = stopped = 0
+    per_problem = []
+    for index, (prompt_ids, gold) in enumerate(tqdm(problems, desc="deepconf", disable=not progress)):
+        baseline_rng = torch.Generator(device=device).manual_seed(seed * 1_000_003 + 2 * index)
+        deepconf_rng = torch.Generator(device=device).manual_seed(seed * 1_000_003 + 2 * index + 1)
+        baseline = majority_baseline(model, prompt_ids, answer_fn, stop_token_ids=stop_token_ids, cfg=cfg,
+                                     generator=baseline_rng)
+        online = deepconf_online(model, prompt_ids, answer_fn, stop_token_ids=stop_token_ids, cfg=cfg,
+                                 generator=deepconf_rng)
+        # Offline DeepConf on the baseline's traces: same filter (top keep_fraction by score), weighted vote.
+        scores = [t.score for t in baseline.traces]
+        cut = calibrate_threshold(scores, cfg.keep_fraction)
+        kept = [t for t in baseline.traces if t.score >= cut]
+        weighted = weighted_vote([t.answer for t in kept], [t.score for t in kept])
+
+        majority_correct += baseline.answer == gold
+        deepconf_correct += online.answer == gold
+        weighted_correct += weighted == gold
+        single_correct += sum(t.answer == gold for t in baseline.traces)
+        single_total += len(baseline.traces)
+        majority_tokens += baseline.tokens
+        deepconf_tokens += online.tokens
+        stopped += sum(t.stopped_early for t in online.traces)
+        per_problem.append({
+            "gold": gold, "majority": baseline.answer, "deepconf": online.answer, "weighted_full": weighted,
+            "majority_tokens": baseline.tokens, "deepconf_tokens": online.tokens, "threshold": online.threshold,
+            "stopped_early": sum(t.stopped_early for t in online.traces), "voters": online.voters,
+        })
+    count = len(problems)
+    return DeepConfReport(
+        config=asdict(cfg),
+        problems=count,
+        majority_accuracy=majority_correct / count,
+        deepconf_accuracy=deepconf_correct / count,
+        weighted_vote_full_traces_accuracy=weighted_correct / count,
+        majority_tokens=majority_tokens,
+        deepconf_tokens=deepconf_tokens,
+        traces_stopped_early=stopped,
+        single_trace_accuracy=single_correct / single_total,
+        per_problem=per_problem,
+    )

@@ -1,0 +1,46 @@
+"""What every result file records: the command, date, device and versions, so a number can be reproduced."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import shlex
+import sys
+from pathlib import Path
+
+
+def run_metadata(device: str | None = None) -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    try:
+        ours = version("hybridlm")
+    except PackageNotFoundError:
+        ours = "not installed"
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "hybridlm": ours}
+    for name in ("transformers", "triton", "fla", "deepspeed"):
+        try:
+            versions[name] = __import__(name).__version__
+        except ImportError:
+            continue
+    if torch.cuda.is_available():
+        versions["cuda"] = torch.version.cuda
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device_name = torch.cuda.get_device_name(torch.device(device)) if str(device).startswith("cuda") else (
+        f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
+    return {
+        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": device_name,
+        "versions": versions,
+    }
+
+
+def write_json(path: str | Path, payload: dict) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    return path

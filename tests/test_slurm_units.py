@@ -1,0 +1,286 @@
+"""Preemption handling and Slurm -> torch.distributed environment, without a cluster (fast, CPU).
+
+The real-cluster counterparts (sbatch, submitit, requeue after a signal) are in test_slurm_cluster.py.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import stat
+from pathlib import Path
+
+import pytest
+import torch.multiprocessing as mp
+
+from hybridlm.train.distributed import TORCH_ENV_KEYS, export_torch_env_from_scheduler, job_master_port
+from hybridlm.train.preemption import PreemptionHandler, parse_signal
+
+SLURM_ENV_PREFIXES = ("SLURM_", "SUBMITIT_")
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    """No torchrun, Slurm or submitit variables from the machine running the tests; the whole environment is put
+    back afterwards, including the variables the code under test sets (a leaked RANK would hang later tests)."""
+    saved = dict(os.environ)
+    for key in list(os.environ):
+        if key in TORCH_ENV_KEYS or key == "LOCAL_WORLD_SIZE" or key.startswith(SLURM_ENV_PREFIXES):
+            del os.environ[key]
+    yield monkeypatch
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def _fake_scontrol(tmp_path: Path, monkeypatch, body: str) -> Path:
+    """An `scontrol` first on PATH that appends its arguments to calls.txt, then runs `body`."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    script = bin_dir / "scontrol"
+    calls = tmp_path / "calls.txt"
+    script.write_text(f'#!/bin/bash\necho "$@" >> {calls}\n{body}\n')
+    script.chmod(script.stat().st_mode | stat.S_IXUSR)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    return calls
+
+
+# --- signal names ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["SIGUSR1", "USR1", "usr1", " SIGUSR1 "])
+def test_parse_signal_accepts_slurm_and_python_spellings(name):
+    assert parse_signal(name) is signal.SIGUSR1
+
+
+@pytest.mark.parametrize("name", ["SIGUSR3", "", "SIGKILL", "9"])
+def test_parse_signal_rejects_unknown_or_uncatchable_names(name):
+    with pytest.raises(ValueError, match="not a catchable signal name"):
+        parse_signal(name)
+
+
+def test_bad_signal_name_fails_before_any_handler_is_installed():
+    before = signal.getsignal(signal.SIGUSR1)
+    with pytest.raises(ValueError, match="SIGUSR9"):
+        PreemptionHandler(["SIGUSR1", "SIGUSR9"]).install()
+    assert signal.getsignal(signal.SIGUSR1) is before
+
+
+# --- the handler -------------------------------------------------------------------------------------------------
+
+
+def test_signals_only_set_the_flag_and_uninstall_restores_previous_handlers(clean_env):
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR1, signal.SIGTERM)}
+    handler = PreemptionHandler(["SIGUSR1", "SIGTERM"]).install()
+    try:
+        assert not handler.agree()
+        os.kill(os.getpid(), signal.SIGTERM)  # would end pytest with the default handler
+        assert handler.requested and handler.received is signal.SIGTERM
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert handler.agree() and handler.received is signal.SIGTERM  # the first signal is kept
+    finally:
+        handler.uninstall()
+    assert {sig: signal.getsignal(sig) for sig in previous} == previous
+
+
+def test_second_signal_during_the_save_neither_interrupts_nor_corrupts_it(tmp_path, clean_env):
+    """The save runs to its end while signals keep arriving; the file it writes is whole."""
+    target = tmp_path / "checkpoint.bin"
+    payload = os.urandom(1 << 20)
+    with PreemptionHandler(["SIGUSR1"]) as handler:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert handler.agree()
+        tmp = target.with_suffix(".tmp")
+        with tmp.open("wb") as f:
+            for offset in range(0, len(payload), 1 << 16):
+                f.write(payload[offset : offset + (1 << 16)])
+                os.kill(os.getpid(), signal.SIGUSR1)  # a second (third, ...) warning mid-save
+        os.replace(tmp, target)
+        assert handler.requested
+    assert target.read_bytes() == payload
+
+
+def test_empty_signal_list_watches_nothing(clean_env):
+    before = signal.getsignal(signal.SIGUSR1)
+    with PreemptionHandler([""]) as handler:
+        assert handler.signals == []
+        assert signal.getsignal(signal.SIGUSR1) is before
+
+
+def _agree_worker(rank: int, port: int, flagged_rank: int, results) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        handler = PreemptionHandler(["SIGUSR1"]).install()
+        before = handler.agree()
+        if rank == flagged_rank:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        results[rank] = (before, handler.agree(), handler.requested)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_agree_stops_every_rank_when_one_rank_was_signalled():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_agree_worker, args=(port, 1, results), nprocs=2, join=True)
+        assert dict(results) == {0: (False, True, False), 1: (False, True, True)}
+
+
+# --- requeue -----------------------------------------------------------------------------------------------------
+
+
+RUNNING_JOB = 'if [ "$1" = show ]; then echo "JobId=4242 JobName=train JobState=RUNNING Reason=None"; fi'
+
+
+def test_requeue_in_an_sbatch_job_runs_scontrol_requeue_on_rank_0_and_exits(tmp_path, clean_env):
+    calls = _fake_scontrol(tmp_path, clean_env, RUNNING_JOB)
+    clean_env.setenv("SLURM_JOB_ID", "4242")
+    with pytest.raises(SystemExit) as exit_info:
+        PreemptionHandler(["SIGUSR1"]).requeue()
+    assert exit_info.value.code == 0
+    assert calls.read_text().splitlines() == ["show job --oneliner 4242", "requeue 4242"]
+
+
+def test_cancelled_job_is_not_requeued(tmp_path, clean_env, capsys):
+    """`scancel` sends SIGTERM too: with SIGTERM watched, a cancelled job saves but must not come back."""
+    calls = _fake_scontrol(tmp_path, clean_env, 'echo "JobId=4242 JobState=COMPLETING Reason=None"')
+    clean_env.setenv("SLURM_JOB_ID", "4242")
+    with pytest.raises(SystemExit):
+        PreemptionHandler(["SIGTERM"]).requeue()
+    assert calls.read_text().splitlines() == ["show job --oneliner 4242"]
+    assert "COMPLETING, not RUNNING" in capsys.readouterr().out
+
+
+def test_requeue_on_other_ranks_leaves_scontrol_to_rank_0(tmp_path, clean_env):
+    calls = _fake_scontrol(tmp_path, clean_env, "exit 0")
+    clean_env.setenv("SLURM_JOB_ID", "4242")
+    clean_env.setenv("RANK", "1")
+    with pytest.raises(SystemExit):
+        PreemptionHandler(["SIGUSR1"]).requeue()
+    assert not calls.exists()
+
+
+def test_failed_requeue_says_why_and_how_to_continue(tmp_path, clean_env):
+    refuse = 'if [ "$1" = requeue ]; then echo "Requested operation is presently disabled" >&2; exit 1; fi'
+    _fake_scontrol(tmp_path, clean_env, f"{RUNNING_JOB}\n{refuse}")
+    clean_env.setenv("SLURM_JOB_ID", "4242")
+    with pytest.raises(RuntimeError, match=r"presently disabled.*sbatch --requeue.*trainer.resume=auto"):
+        PreemptionHandler(["SIGUSR1"]).requeue()
+
+
+def test_requeue_outside_slurm_only_exits(clean_env, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        PreemptionHandler(["SIGUSR1"]).requeue()
+    assert exit_info.value.code == 0
+    assert "trainer.resume=auto" in capsys.readouterr().out
+
+
+class _ResubmittableJob:
+    """Stands for Hydra's submitit launcher: submitit calls checkpoint() to get the resubmission it pickles."""
+
+    def __call__(self):
+        return "done"
+
+    def checkpoint(self):
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(self)
+
+
+def test_under_submitit_its_signal_is_taken_over_and_requeue_runs_its_protocol(tmp_path, clean_env):
+    from submitit.core.job_environment import JobEnvironment, SignalHandler
+    from submitit.core.utils import DelayedSubmission, JobPaths
+
+    requeued = []
+
+    class FakeSlurmEnvironment:
+        global_rank = 0
+
+        def _requeue(self, countdown):  # the real one runs `scontrol requeue`
+            requeued.append(countdown)
+
+    delayed = DelayedSubmission(_ResubmittableJob())
+    delayed.set_timeout(timeout_min=60, max_num_timeout=3)
+    paths = JobPaths(tmp_path, job_id="77", task_id=0)
+    submitit_signal = JobEnvironment._usr_sig()
+    submitit_handler = SignalHandler(FakeSlurmEnvironment(), paths, delayed)
+    previous = signal.signal(submitit_signal, submitit_handler.checkpoint_and_try_requeue)
+    clean_env.setenv("SUBMITIT_EXECUTOR", "slurm")
+    try:
+        handler = PreemptionHandler(["SIGUSR1"]).install()
+        os.kill(os.getpid(), submitit_signal)  # submitit's own handler would exit right here, mid-step
+        assert handler.requested and handler.received is submitit_signal
+        with pytest.raises(SystemExit):
+            handler.requeue()
+        handler.uninstall()
+        assert signal.getsignal(submitit_signal) == submitit_handler.checkpoint_and_try_requeue
+    finally:
+        signal.signal(submitit_signal, previous)
+    assert requeued == [3]  # a preemption, not a time-out: no requeue used up
+    assert DelayedSubmission.load(paths.submitted_pickle).result() == "done"
+
+
+# --- torch.distributed variables from Slurm / submitit -----------------------------------------------------------
+
+
+def test_variables_already_set_by_torchrun_or_the_template_are_left_alone(clean_env):
+    clean_env.setenv("RANK", "3")
+    clean_env.setenv("SLURM_STEP_ID", "0")
+    clean_env.setenv("SLURM_PROCID", "5")
+    assert export_torch_env_from_scheduler() == "environment"
+    assert os.environ["RANK"] == "3"
+
+
+def test_srun_task_gets_rank_world_and_master_from_slurm(tmp_path, clean_env):
+    calls = _fake_scontrol(tmp_path, clean_env, 'printf "gpu07\\ngpu08\\n"')
+    clean_env.setenv("SLURM_JOB_ID", "123456")
+    clean_env.setenv("SLURM_STEP_ID", "0")
+    clean_env.setenv("SLURM_PROCID", "5")
+    clean_env.setenv("SLURM_NTASKS", "8")
+    clean_env.setenv("SLURM_LOCALID", "1")
+    clean_env.setenv("SLURM_JOB_NODELIST", "gpu[07-08]")
+    assert export_torch_env_from_scheduler() == "slurm"
+    assert {key: os.environ[key] for key in TORCH_ENV_KEYS} == {
+        "RANK": "5",
+        "WORLD_SIZE": "8",
+        "LOCAL_RANK": "1",
+        "MASTER_ADDR": "gpu07",
+        "MASTER_PORT": str(20000 + 123456 % 20000),
+    }
+    assert calls.read_text().strip() == "show hostnames gpu[07-08]"
+
+
+def test_batch_script_outside_srun_is_not_mistaken_for_rank_0(clean_env):
+    clean_env.setenv("SLURM_JOB_ID", "9")
+    clean_env.setenv("SLURM_PROCID", "0")
+    clean_env.setenv("SLURM_NTASKS", "8")
+    assert export_torch_env_from_scheduler() is None
+    assert "RANK" not in os.environ
+
+
+def test_submitit_task_gets_its_variables_from_submitit(clean_env):
+    for key, value in dict(SUBMITIT_EXECUTOR="slurm", SLURM_JOB_ID="77", SLURM_NTASKS="4", SLURM_JOB_NUM_NODES="2",
+                           SLURM_NODEID="1", SLURM_PROCID="3", SLURM_LOCALID="1", SLURM_STEP_ID="0",
+                           SLURM_JOB_NODELIST="node[3-4]", MASTER_PORT="29123").items():  # fmt: skip
+        clean_env.setenv(key, value)
+    assert export_torch_env_from_scheduler() == "submitit"
+    assert {key: os.environ[key] for key in TORCH_ENV_KEYS} == {
+        "RANK": "3",
+        "WORLD_SIZE": "4",
+        "LOCAL_RANK": "1",
+        "MASTER_ADDR": "node3",
+        "MASTER_PORT": "29123",
+    }
+
+
+def test_job_master_port_is_stable_per_job_and_in_range():
+    assert job_master_port("123") == job_master_port("123") != job_master_port("124")
+    assert all(20000 <= job_master_port(str(job)) < 40000 for job in (1, 19999, 20000, 10**9))
+    assert job_master_port("55_3") == job_master_port("55")
+
