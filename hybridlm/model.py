@@ -6,7 +6,7 @@ told where each document starts, so no state, convolution or attention crosses a
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -25,14 +25,30 @@ IGNORE_INDEX = -100
 NO_DECAY_NAMES = ("A_log", "dt_bias")
 
 
-@dataclass
-class LMOutput:
-    logits: torch.Tensor  # [B,T,V] fp32
-    loss: torch.Tensor | None = None  # what to backpropagate: ce + aux_coef * aux + z_coef * z
-    ce_loss: torch.Tensor | None = None
-    aux_loss: torch.Tensor | None = None  # mean over MoE layers
-    z_loss: torch.Tensor | None = None  # mean over MoE layers
-    expert_counts: list[torch.Tensor] = field(default_factory=list)  # per MoE layer [E], summed over DP ranks
+class LMOutput(dict):
+    """The model's outputs, read as attributes. A dict, not a dataclass: DeepSpeed ZeRO 3 re-gathers parameters for
+    backward through the tensors it can find in a module's output, and it looks inside dicts."""
+
+    def __init__(
+        self,
+        logits: torch.Tensor,  # [B,T,V] fp32
+        loss: torch.Tensor | None = None,  # what to backpropagate: ce + aux_coef * aux + z_coef * z
+        ce_loss: torch.Tensor | None = None,
+        aux_loss: torch.Tensor | None = None,  # mean over MoE layers
+        z_loss: torch.Tensor | None = None,  # mean over MoE layers
+        expert_counts: list[torch.Tensor] | None = None,  # per MoE layer [E], summed over data-parallel ranks
+    ):
+        super().__init__(logits=logits, loss=loss, ce_loss=ce_loss, aux_loss=aux_loss, z_loss=z_loss,
+                         expert_counts=expert_counts or [])
+
+    def __getattr__(self, name: str):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __setattr__(self, name: str, value) -> None:
+        self[name] = value
 
 
 @dataclass

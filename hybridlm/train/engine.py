@@ -7,7 +7,6 @@ NCCL on CUDA, gloo on CPU.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import socket
 from dataclasses import dataclass
@@ -102,23 +101,11 @@ def deepspeed_config(ds: DeepSpeedConfig, optim: OptimConfig, device: torch.devi
     return _deep_merge(config, ds.extra)
 
 
-class ModelOutputDict(dict):
-    """The model's output fields as a dict (read as attributes too): ZeRO 3 can find the tensors in a dict."""
-
-    __getattr__ = dict.__getitem__
-
-
-def _output_as_dict(module: torch.nn.Module, args, output):
-    return ModelOutputDict((f.name, getattr(output, f.name)) for f in dataclasses.fields(output))
-
-
 def prepare_for_zero3(model: torch.nn.Module) -> None:
-    """ZeRO 3 gathers a module's parameters when its own forward (or backward) runs. Three things in HybridLM need
+    """ZeRO 3 gathers a module's parameters when its own forward (or backward) runs. Two things in HybridLM need
     telling it: the MoE layer reads its router and expert weights directly in one fused call (so gather a whole MoE
-    layer on entry: a "leaf", which also keeps the prefetcher sane under data-dependent routing); the LM head weight
-    is read by the model's own forward (an external parameter of the model); and ZeRO re-gathers for backward only
-    when it sees tensors in the module's output, which a dataclass hides (so hand it the fields as a dict).
-    Must run before `deepspeed.initialize`, so that the output hook runs before ZeRO's."""
+    layer on entry: a "leaf", which also keeps the prefetcher sane under data-dependent routing), and the LM head
+    weight is read by the model's own forward (an external parameter of the model). Run before `deepspeed.initialize`."""
     from deepspeed.runtime.zero.partition_parameters import register_external_parameter
     from deepspeed.utils import set_z3_leaf_modules
 
@@ -127,7 +114,6 @@ def prepare_for_zero3(model: torch.nn.Module) -> None:
     set_z3_leaf_modules(model, [SparseMoE], raise_if_not_found=False)
     head = model.embed_tokens if model.lm_head is None else model.lm_head
     register_external_parameter(model, head.weight)
-    model.register_forward_hook(_output_as_dict)
 
 
 def build_engine(model: torch.nn.Module, cfg: TrainConfig, info: DistInfo):
