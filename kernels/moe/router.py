@@ -15,6 +15,19 @@ from .reference import RENORM_EPS
 
 
 @triton.jit
+def _scores(logits_ptr, tile, tile_mask, expert_mask, SIGMOID: tl.constexpr):
+    """softmax | sigmoid of one [BLOCK_T, E_PAD] tile of logits (padding experts get score 0)."""
+    logits = tl.load(logits_ptr + tile, mask=tile_mask, other=0.0)
+    if SIGMOID:
+        scores = tl.sigmoid(logits)
+    else:
+        logits = tl.where(expert_mask[None, :], logits, float("-inf"))
+        exps = tl.exp(logits - tl.max(logits, axis=1)[:, None])
+        scores = exps / tl.sum(exps, axis=1)[:, None]
+    return scores
+
+
+@triton.jit
 def _router_forward_kernel(
     logits_ptr, bias_ptr, scores_ptr, weights_ptr, ids_ptr,
     num_tokens, num_experts,
@@ -27,13 +40,7 @@ def _router_forward_kernel(
     expert_mask = experts < num_experts
     tile = tokens[:, None].to(tl.int64) * num_experts + experts[None, :]
     tile_mask = token_mask[:, None] & expert_mask[None, :]
-    logits = tl.load(logits_ptr + tile, mask=tile_mask, other=0.0)
-    if SIGMOID:
-        scores = tl.sigmoid(logits)
-    else:
-        logits = tl.where(expert_mask[None, :], logits, float("-inf"))
-        exps = tl.exp(logits - tl.max(logits, axis=1)[:, None])
-        scores = exps / tl.sum(exps, axis=1)[:, None]
+    scores = _scores(logits_ptr, tile, tile_mask, expert_mask, SIGMOID)
     tl.store(scores_ptr + tile, scores, mask=tile_mask)
 
     choice = scores
@@ -71,13 +78,7 @@ def _router_backward_kernel(
     expert_mask = experts < num_experts
     tile = tokens[:, None].to(tl.int64) * num_experts + experts[None, :]
     tile_mask = token_mask[:, None] & expert_mask[None, :]
-    logits = tl.load(logits_ptr + tile, mask=tile_mask, other=0.0)
-    if SIGMOID:
-        scores = tl.sigmoid(logits)
-    else:
-        logits = tl.where(expert_mask[None, :], logits, float("-inf"))
-        exps = tl.exp(logits - tl.max(logits, axis=1)[:, None])
-        scores = exps / tl.sum(exps, axis=1)[:, None]
+    scores = _scores(logits_ptr, tile, tile_mask, expert_mask, SIGMOID)
 
     # Gradient w.r.t. the chosen (unnormalised) scores. With w_j = s_j / S, S = sum(s) + eps:
     # dL/ds_j = dw_j / S - sum_i(dw_i s_i) / S^2.
