@@ -7,6 +7,7 @@ message naming the key, the value and a fix.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 LAYER_SYMBOLS = {"G": "gated_deltanet", "A": "attention"}
 MLP_SYMBOLS = {"M": "moe", "D": "dense"}
@@ -22,9 +23,19 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def normalize_pattern(pattern, key: str) -> str:
+    """A pattern as written in a config: a string (`GGGA`, `G,G,G,A`) or a YAML list of symbols (`[G, G, G, A]`)
+    -> the compact string form every consumer (export, logs) reads."""
+    if isinstance(pattern, str):
+        return pattern.replace(" ", "").replace(",", "")
+    if isinstance(pattern, (list, tuple)) and all(isinstance(symbol, str) for symbol in pattern):
+        return "".join(symbol.strip() for symbol in pattern)
+    raise ConfigError(f"{key}={pattern!r} must be a string such as GGGA or a list of symbols such as [G, G, G, A]")
+
+
 def expand_pattern(pattern: str, num_layers: int, symbols: dict[str, str], key: str) -> list[str]:
     """`GGGA` with 8 layers -> GGGAGGGA; a pattern as long as the stack is taken as the explicit per-layer list."""
-    pattern = pattern.replace(" ", "").replace(",", "")
+    pattern = normalize_pattern(pattern, key)
     _require(len(pattern) > 0, f"{key} is empty; give at least one symbol from {sorted(symbols)}")
     unknown = sorted({s for s in pattern if s not in symbols})
     _require(
@@ -144,6 +155,11 @@ class MoEConfig:
         )
         for key in ("shared_expert_intermediate_size", "bias_update_rate", "aux_loss_coef", "z_loss_coef"):
             _require(getattr(self, key) >= 0, f"model.moe.{key}={getattr(self, key)} must be >= 0")
+        _require(
+            not self.selection_bias or self.bias_update_rate > 0,
+            f"model.moe.selection_bias=true with model.moe.bias_update_rate={self.bias_update_rate} never moves the "
+            "bias; set bias_update_rate > 0 (e.g. 1e-3) or selection_bias=false",
+        )
         _require(self.backend in BACKENDS, f"model.moe.backend={self.backend!r}; choose one of {BACKENDS}")
 
 
@@ -154,8 +170,10 @@ class ModelConfig:
     vocab_size: int = 4096
     hidden_size: int = 128
     num_layers: int = 4
-    layer_pattern: str = "GGGA"  # tiled to num_layers, or one symbol per layer
-    mlp_pattern: str = "M"  # tiled to num_layers, or one symbol per layer
+    # Tiled to num_layers, or one symbol per layer; a string (GGGA) or a YAML list ([G, G, G, A]), kept as the string.
+    # Typed Any because OmegaConf's structured configs have no str-or-list type; __post_init__ checks the value.
+    layer_pattern: Any = "GGGA"
+    mlp_pattern: Any = "M"
     intermediate_size: int = 256  # dense SwiGLU layers
     norm_eps: float = 1e-6
     zero_centered_norm: bool = True  # RMSNorm scales by (1 + w), w initialised to 0 (Qwen3-Next)
@@ -176,6 +194,8 @@ class ModelConfig:
         for key in ("vocab_size", "hidden_size", "num_layers", "intermediate_size", "max_position_embeddings"):
             _require(getattr(self, key) > 0, f"model.{key}={getattr(self, key)} must be > 0")
         _require(self.norm_eps > 0, f"model.norm_eps={self.norm_eps} must be > 0")
+        self.layer_pattern = normalize_pattern(self.layer_pattern, "model.layer_pattern")
+        self.mlp_pattern = normalize_pattern(self.mlp_pattern, "model.mlp_pattern")
         self.layer_types  # noqa: B018 - validates the patterns
         self.mlp_types  # noqa: B018
 

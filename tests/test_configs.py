@@ -122,6 +122,9 @@ def test_wrong_types_fail_naming_the_key(override, key):
         (["trainer.stop_at_step=2000"], "trainer.stop_at_step=2000"),
         (["model.moe.top_k=9"], "model.moe.top_k=9"),
         (["model.layer_pattern=GGX"], "model.layer_pattern"),
+        (["model.layer_pattern=[G,G,X,A]"], "unknown symbol(s) ['X']"),
+        (["model.layer_pattern=7"], "must be a string such as GGGA or a list of symbols"),
+        (["model.moe.selection_bias=true", "model.moe.bias_update_rate=0"], "bias_update_rate > 0"),
         (["trainer.seq_len=8192"], "max_position_embeddings"),
     ],
 )
@@ -129,6 +132,14 @@ def test_bad_values_fail_before_any_work(overrides, message):
     with pytest.raises((ConfigError, ValueError)) as error:
         load(*overrides)
     assert message in str(error.value)
+
+
+def test_layer_and_mlp_patterns_accept_a_yaml_list():
+    model = load("model.num_layers=8", "model.layer_pattern=[G,G,G,A]", "model.mlp_pattern=[D,M,M,M,M,M,M,M]").model
+    assert model.layer_pattern == "GGGA" and model.mlp_pattern == "DMMMMMMM"  # kept in the string form
+    assert model.layer_types == (["gated_deltanet"] * 3 + ["attention"]) * 2
+    assert model.mlp_types == ["dense"] + ["moe"] * 7
+    assert load("model.num_layers=8", "model.layer_pattern=GGGA").model.layer_types == model.layer_types
 
 
 def test_lr_schedules_against_closed_forms():
