@@ -12,6 +12,7 @@ from typing import Any
 LAYER_SYMBOLS = {"G": "gated_deltanet", "A": "attention"}
 MLP_SYMBOLS = {"M": "moe", "D": "dense"}
 BACKENDS = ("auto", "triton", "fla", "torch")
+ATTENTION_BACKENDS = ("auto", "sdpa", "flex")
 
 
 class ConfigError(ValueError):
@@ -98,6 +99,7 @@ class AttentionConfig:
     qk_norm: bool = True
     sliding_window: int = 0  # 0: full causal attention
     bias: bool = False
+    backend: str = "auto"  # auto (flex on CUDA, sdpa elsewhere) | sdpa | flex (packed rows; on CPU forward only)
 
     def __post_init__(self) -> None:
         for key in ("num_heads", "num_kv_heads", "head_dim"):
@@ -119,6 +121,10 @@ class AttentionConfig:
         )
         _require(self.rope_theta > 0, f"model.attention.rope_theta={self.rope_theta} must be > 0")
         _require(self.sliding_window >= 0, f"model.attention.sliding_window={self.sliding_window} must be >= 0")
+        _require(
+            self.backend in ATTENTION_BACKENDS,
+            f"model.attention.backend={self.backend!r}; choose one of {ATTENTION_BACKENDS}",
+        )
 
     @property
     def rotary_dim(self) -> int:

@@ -72,23 +72,27 @@ def generate(
         raise ValueError("prompts must be left-padded: the last column of attention_mask has padding")
     was_training = model.training
     model.eval()
-    tokens, mask = input_ids, attention_mask.long()
-    finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-    cache = model.new_cache() if use_cache else None
-    step_ids, step_mask, step_positions = tokens, mask, positions_from_mask(mask)
-    for _ in range(max_new_tokens):
-        logits = model(step_ids, position_ids=step_positions, cache=cache, attention_mask=step_mask).logits[:, -1]
-        next_token = _pick(logits.float(), temperature, top_k, generator)
+    B, T = input_ids.shape
+    total = T + max_new_tokens
+    # The whole output, mask and positions up front: each step writes one column, nothing is re-concatenated.
+    tokens = torch.empty(B, total, dtype=input_ids.dtype, device=input_ids.device)
+    tokens[:, :T] = input_ids
+    mask = torch.cat([attention_mask.long(), attention_mask.new_ones(B, max_new_tokens, dtype=torch.long)], dim=1)
+    positions = positions_from_mask(mask)
+    padded = not bool(attention_mask.all())  # without padding the model needs no mask at all
+    finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    cache = model.new_cache(max_length=total) if use_cache else None
+    for length in range(T, total):
+        # With the cache: the prompt once, then the newest token (the cache remembers where the padding was).
+        start = length - 1 if use_cache and length > T else 0
+        step_mask = mask[:, start:length] if padded and start == 0 else None
+        out = model(tokens[:, start:length], position_ids=positions[:, start:length], cache=cache,
+                    attention_mask=step_mask, logits_to_keep=1)
+        next_token = _pick(out.logits[:, -1].float(), temperature, top_k, generator)
         if eos_token_id is not None:
             next_token = torch.where(finished, torch.full_like(next_token, eos_token_id), next_token)
             finished |= next_token == eos_token_id
-        tokens = torch.cat([tokens, next_token[:, None]], dim=1)
-        mask = torch.cat([mask, torch.ones_like(next_token)[:, None]], dim=1)
-        if use_cache:
-            step_ids, step_mask = next_token[:, None], mask[:, -1:]
-            step_positions = positions_from_mask(mask)[:, -1:]
-        else:
-            step_ids, step_mask, step_positions = tokens, mask, positions_from_mask(mask)
+        tokens[:, length] = next_token
     model.train(was_training)
     return tokens
 

@@ -1,7 +1,9 @@
 """The one model definition: a stack of hybrid blocks built from the layer pattern, an LM head and the loss.
 
-Packed batches: when `cu_seqlens` is given, the [B,T] batch is flattened to one row of B*T tokens and every mixer is
-told where each document starts, so no state, convolution or attention crosses a document boundary.
+Packed batches: `cu_seqlens` marks where each document starts over the flattened B*T tokens, and documents never cross
+rows. The Gated DeltaNet and conv mixers run over the flattened row and restart at each document; attention runs per
+row with the document-causal pattern built once per forward (see hybridlm.layers.attention). No state, convolution or
+attention crosses a document boundary.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from hybridlm.config import ModelConfig
-from hybridlm.layers.attention import Attention
+from hybridlm.layers.attention import Attention, AttentionPattern, append_along, cached_pattern, sequence_pattern
 from hybridlm.layers.gated_deltanet import GatedDeltaNet
 from hybridlm.layers.mlp import SwiGLU
 from hybridlm.layers.moe import RouterStats, SparseMoE
@@ -23,6 +25,8 @@ from hybridlm.layers.norm import RMSNorm, RMSNormGated
 IGNORE_INDEX = -100
 # Parameters never decayed, besides every 1-D tensor (norm weights, biases).
 NO_DECAY_NAMES = ("A_log", "dt_bias")
+# The loss computes logits this many at a time (tokens x vocabulary), so [B,T,V] fp32 logits never exist at once.
+LOSS_CHUNK_LOGITS = 1 << 24
 
 
 class LMOutput(dict):
@@ -31,7 +35,7 @@ class LMOutput(dict):
 
     def __init__(
         self,
-        logits: torch.Tensor,  # [B,T,V] fp32
+        logits: torch.Tensor | None,  # [B,T,V] fp32; None when the loss was asked for without them (see forward)
         loss: torch.Tensor | None = None,  # what to backpropagate: ce + aux_coef * aux + z_coef * z
         ce_loss: torch.Tensor | None = None,
         aux_loss: torch.Tensor | None = None,  # mean over MoE layers
@@ -53,21 +57,33 @@ class LMOutput(dict):
 
 @dataclass
 class TokenLayout:
-    """Where documents start, shared by every block of one forward pass."""
+    """Where documents start and which keys attention sees, built once per forward and shared by every block."""
 
     position_ids: torch.Tensor  # [B,T] RoPE positions, restarting at 0 per document
-    cu_seqlens: torch.Tensor | None = None  # [N+1] over the flattened row (B == 1 then)
-    segment_ids: torch.Tensor | None = None  # [B,T] document index of each token
-    position_in_doc: torch.Tensor | None = None  # [B,T] 0 at each document start
+    attention: AttentionPattern
+    cu_seqlens: torch.Tensor | None = None  # [N+1] documents over the flattened B*T tokens (GDN and conv)
+    position_in_doc: torch.Tensor | None = None  # [1,B*T] 0 at each document start, over the flattened tokens
     padding_mask: torch.Tensor | None = None  # [B,T] 1 for tokens, 0 for left padding (batched generation)
 
 
 class ModelCache:
-    """Decoding state: per layer a dict (GDN: conv + recurrent state; attention: keys and values)."""
+    """Decoding state: per layer a dict (GDN: "conv" and "recurrent" states; attention: "k" and "v" buffers); every
+    tensor is batch-first. `max_length` (prompt + new tokens, if known) sizes the key/value buffers up front."""
 
-    def __init__(self, num_layers: int):
+    def __init__(self, num_layers: int, max_length: int = 0):
         self.layers: list[dict] = [{} for _ in range(num_layers)]
         self.seen_tokens = 0
+        self.max_length = max_length
+        # [B, capacity] 0 for padding, 1 for tokens, once any padding was seen; None while there is none.
+        self.key_segments: torch.Tensor | None = None
+
+    def select_rows(self, keep: torch.Tensor) -> None:
+        """Keep only the batch rows `keep` (e.g. drop finished sequences)."""
+        for layer in self.layers:
+            for key, value in layer.items():
+                layer[key] = value.index_select(0, keep)
+        if self.key_segments is not None:
+            self.key_segments = self.key_segments.index_select(0, keep)
 
 
 class HybridBlock(nn.Module):
@@ -92,9 +108,14 @@ class HybridBlock(nn.Module):
                 # A zero input adds nothing to the conv window or the recurrent state (no projection has a bias), so
                 # left padding leaves every prompt's state exactly as if it had not been padded.
                 normed = normed * layout.padding_mask[..., None].to(normed.dtype)
-            mixed = self.linear_attn(normed, layout.cu_seqlens, layout.position_in_doc, cache)
+            if layout.cu_seqlens is not None:  # packed: one flattened row, restarting at every document
+                B, T, H = normed.shape
+                flat = self.linear_attn(normed.reshape(1, B * T, H), layout.cu_seqlens, layout.position_in_doc, cache)
+                mixed = flat.reshape(B, T, H)
+            else:
+                mixed = self.linear_attn(normed, None, None, cache)
         else:
-            mixed = self.self_attn(normed, layout.position_ids, layout.segment_ids, cache)
+            mixed = self.self_attn(normed, layout.position_ids, layout.attention, cache)
         x = x + mixed
         normed = self.post_attention_layernorm(x)
         if self.mlp_type == "moe":
@@ -103,17 +124,96 @@ class HybridBlock(nn.Module):
         return x + self.mlp(normed), None
 
 
-def layout_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> TokenLayout:
-    """Segment ids and in-document positions of a row of `total` packed tokens."""
+def check_packed_rows(cu_seqlens: torch.Tensor, batch: int, seq_len: int) -> None:
+    """cu_seqlens must rise strictly from 0 to batch * seq_len and contain every row start: attention runs per row,
+    so a document may not continue into the next row (the packer starts a new segment there)."""
+    total = batch * seq_len
+    bounds = cu_seqlens.to(torch.int64)
+    shape_ok = bounds.ndim == 1 and bounds.numel() >= batch + 1
+    if shape_ok:
+        row_starts = torch.arange(0, total, seq_len, device=bounds.device)
+        valid = (bounds[0] == 0) & (bounds[-1] == total) & (bounds.diff() > 0).all()
+        valid = valid & torch.isin(row_starts, bounds).all()
+    if not shape_ok or not bool(valid):
+        raise ValueError(
+            f"cu_seqlens={bounds.tolist()} must rise strictly from 0 to B*T={total} and contain every row start "
+            f"(a multiple of T={seq_len}): documents never cross rows; build batches with hybridlm.data.packing.collate"
+        )
+
+
+def packed_layout(cu_seqlens: torch.Tensor, batch: int, seq_len: int, window: int, backend: str) -> TokenLayout:
+    """Segment ids and in-document positions of `batch` packed rows of `seq_len` tokens."""
+    check_packed_rows(cu_seqlens, batch, seq_len)
+    total = batch * seq_len
     index = torch.arange(total, device=cu_seqlens.device)
     segment_ids = torch.searchsorted(cu_seqlens[1:].to(torch.int64), index, right=True)
     position_in_doc = index - cu_seqlens.to(torch.int64)[segment_ids]
-    return TokenLayout(
-        position_ids=position_in_doc[None],
-        cu_seqlens=cu_seqlens,
-        segment_ids=segment_ids[None],
-        position_in_doc=position_in_doc[None],
-    )
+    position_ids = position_in_doc.view(batch, seq_len)
+    if cu_seqlens.numel() == batch + 1:  # only the row starts: each row is one document, a plain batch
+        attention = sequence_pattern(seq_len, cu_seqlens.device, window=window, backend=backend)
+        return TokenLayout(position_ids=position_ids, attention=attention)
+    attention = sequence_pattern(seq_len, cu_seqlens.device, window=window, backend=backend,
+                                 segment_ids=segment_ids.view(batch, seq_len), sorted_segments=True)
+    return TokenLayout(position_ids=position_ids, attention=attention, cu_seqlens=cu_seqlens,
+                       position_in_doc=position_in_doc[None])
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of `hidden @ weight.T` (see `linear_cross_entropy`). The gradients (softmax minus
+    one-hot, times the inputs) are computed chunk by chunk in forward, so backward needs neither the logits nor a
+    recompute."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_tokens):
+        total, grad_hidden, grad_weight = _chunked_cross_entropy(
+            hidden, weight, targets, chunk_tokens, *ctx.needs_input_grad[:2]
+        )
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return (
+            None if grad_hidden is None else grad_hidden * grad_total.to(grad_hidden.dtype),
+            None if grad_weight is None else grad_weight * grad_total.to(grad_weight.dtype),
+            None,
+            None,
+        )
+
+
+def _chunked_cross_entropy(hidden, weight, targets, chunk_tokens, want_grad_hidden, want_grad_weight):
+    loss_dtype = torch.promote_types(hidden.dtype, torch.float32)
+    total = hidden.new_zeros((), dtype=loss_dtype)
+    grad_hidden = torch.empty_like(hidden) if want_grad_hidden else None
+    grad_weight = torch.zeros(weight.shape, dtype=loss_dtype, device=weight.device) if want_grad_weight else None
+    for start in range(0, hidden.shape[0], chunk_tokens):
+        h, t = hidden[start : start + chunk_tokens], targets[start : start + chunk_tokens]
+        logits = F.linear(h, weight).to(loss_dtype)
+        total = total + F.cross_entropy(logits, t, ignore_index=IGNORE_INDEX, reduction="sum")
+        if not (want_grad_hidden or want_grad_weight):
+            continue
+        valid = (t != IGNORE_INDEX)[:, None]
+        grad_logits = logits.softmax(dim=-1)
+        grad_logits.scatter_add_(1, t.clamp(min=0)[:, None], -valid.to(loss_dtype))
+        # In the model dtype, as autograd would hand it to the matmul's backward.
+        grad_logits = (grad_logits * valid).to(hidden.dtype)
+        if want_grad_hidden:
+            grad_hidden[start : start + chunk_tokens] = grad_logits @ weight
+        if want_grad_weight:
+            grad_weight += (grad_logits.T @ h).to(loss_dtype)
+    if grad_weight is not None:
+        grad_weight = grad_weight.to(weight.dtype)
+    return total, grad_hidden, grad_weight
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """sum over tokens of cross_entropy(hidden @ weight.T, targets), in fp32 (or wider), ignoring IGNORE_INDEX;
+    hidden [N,H], weight [V,H], targets [N]. Only one chunk's logits exist at a time."""
+    chunk_tokens = max(1, LOSS_CHUNK_LOGITS // weight.shape[0])
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_tokens)
+    return _chunked_cross_entropy(hidden, weight, targets, chunk_tokens, False, False)[0]
 
 
 class HybridLM(nn.Module):
@@ -154,8 +254,9 @@ class HybridLM(nn.Module):
     def moe_layers(self) -> list[SparseMoE]:
         return [block.mlp for block in self.layers if isinstance(block.mlp, SparseMoE)]
 
-    def new_cache(self) -> ModelCache:
-        return ModelCache(len(self.layers))
+    def new_cache(self, max_length: int = 0) -> ModelCache:
+        """An empty decoding cache; `max_length` (prompt + new tokens, if known) allocates its buffers once."""
+        return ModelCache(len(self.layers), max_length)
 
     def forward(
         self,
@@ -165,28 +266,23 @@ class HybridLM(nn.Module):
         cu_seqlens: torch.Tensor | None = None,
         cache: ModelCache | None = None,
         attention_mask: torch.Tensor | None = None,
+        return_logits: bool | None = None,
+        logits_to_keep: int = 0,
     ) -> LMOutput:
         """input_ids [B,T]; labels [B,T] are next-token targets already aligned with the inputs (-100: no target);
-        cu_seqlens [N+1] marks document starts over the flattened B*T tokens (row starts included).
-        attention_mask [B,T] (1: token, 0: left padding) covers this call's tokens; padding is its own segment for
-        attention and a zero input for GDN. When decoding with a cache, pass it on every call (and position_ids)."""
+        cu_seqlens [N+1] marks document starts over the flattened B*T tokens (row starts included; documents never
+        cross rows). attention_mask [B,T] (1: token, 0: left padding) covers this call's tokens; padding is its own
+        segment for attention and a zero input for GDN. When decoding with a cache, pass it on every call (and
+        position_ids); a call after the first needs attention_mask only if its own tokens include padding.
+        Logits [B,T,V] fp32 are returned when there are no labels, or with return_logits=True (the loss alone never
+        materialises them); `logits_to_keep` > 0 computes them for the last that many positions only."""
         B, T = input_ids.shape
         if attention_mask is not None and cu_seqlens is not None:
             raise ValueError("pass attention_mask (padded batch) or cu_seqlens (packed documents), not both")
-        if cu_seqlens is not None:
-            layout = layout_from_cu_seqlens(cu_seqlens, B * T)
-            if position_ids is not None:
-                layout.position_ids = position_ids.reshape(1, B * T)
-            x = self.embed_tokens(input_ids.reshape(1, B * T))
-        else:
-            if position_ids is None:
-                start = 0 if cache is None else cache.seen_tokens
-                position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
-            layout = TokenLayout(position_ids=position_ids)
-            if attention_mask is not None:
-                layout.padding_mask = attention_mask
-                layout.segment_ids = attention_mask.to(torch.int64)
-            x = self.embed_tokens(input_ids)
+        if cu_seqlens is not None and cache is not None:
+            raise ValueError("cu_seqlens (packed documents) is for training and scoring; decode without it")
+        layout = self._layout(input_ids, position_ids, cu_seqlens, cache, attention_mask)
+        x = self.embed_tokens(input_ids)
 
         stats: list[RouterStats] = []
         for i, block in enumerate(self.layers):
@@ -204,20 +300,54 @@ class HybridLM(nn.Module):
 
         x = self.norm(x)
         head_weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(x, head_weight).float().reshape(B, T, -1)
+        logits = None
+        if return_logits or (return_logits is None and labels is None):
+            kept = x[:, -logits_to_keep:] if logits_to_keep else x
+            logits = F.linear(kept, head_weight).float()
         out = LMOutput(logits=logits, expert_counts=[s.expert_counts for s in stats])
         if labels is None:
             return out
 
         targets = labels.reshape(-1)
-        summed = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+        summed = linear_cross_entropy(x.reshape(B * T, -1), head_weight, targets)
         out.ce_loss = summed / (targets != IGNORE_INDEX).sum().clamp(min=1)
-        zero = logits.new_zeros(())
+        zero = summed.new_zeros(())
         out.aux_loss = torch.stack([s.aux_loss for s in stats]).mean() if stats else zero
         out.z_loss = torch.stack([s.z_loss for s in stats]).mean() if stats else zero
         moe = self.config.moe
         out.loss = out.ce_loss + moe.aux_loss_coef * out.aux_loss + moe.z_loss_coef * out.z_loss
         return out
+
+    def _layout(self, input_ids, position_ids, cu_seqlens, cache, attention_mask) -> TokenLayout:
+        B, T = input_ids.shape
+        device = input_ids.device
+        attn = self.config.attention
+        if cu_seqlens is not None:
+            layout = packed_layout(cu_seqlens, B, T, attn.sliding_window, attn.backend)
+            if position_ids is not None:
+                layout.position_ids = position_ids
+            return layout
+        if position_ids is None:
+            start = 0 if cache is None else cache.seen_tokens
+            position_ids = torch.arange(start, start + T, device=device).expand(B, T)
+        # All-ones masks (HF passes one on every call) change nothing; dropping them keeps the mask-free kernels.
+        padding = attention_mask if attention_mask is not None and not bool(attention_mask.all()) else None
+        if cache is None:
+            segments = None if padding is None else padding.to(torch.int64)
+            attention = sequence_pattern(T, device, window=attn.sliding_window, backend=attn.backend,
+                                         segment_ids=segments)
+            return TokenLayout(position_ids=position_ids, attention=attention, padding_mask=padding)
+        past = cache.seen_tokens
+        capacity = max(cache.max_length, past + T)
+        if padding is not None or cache.key_segments is not None:
+            if cache.key_segments is None:  # the first padding: the tokens cached so far were all real
+                cache.key_segments = torch.ones(B, past, dtype=torch.int64, device=device)
+            step = padding if padding is not None else torch.ones_like(input_ids)
+            cache.key_segments = append_along(cache.key_segments, past, step.to(torch.int64), dim=1, capacity=capacity)
+        key_segments = None if cache.key_segments is None else cache.key_segments[:, : past + T]
+        attention = cached_pattern(past, T, device, window=attn.sliding_window, key_segments=key_segments,
+                                   cache_capacity=capacity)
+        return TokenLayout(position_ids=position_ids, attention=attention, padding_mask=padding)
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """AdamW groups: no decay on norms, biases (every 1-D tensor), A_log and dt_bias."""

@@ -104,3 +104,73 @@ def test_eos_stops_a_row_and_sampling_is_seeded():
 def test_bad_generation_input_is_refused(call, match):
     with pytest.raises(ValueError, match=match):
         call(make_model())
+
+
+@pytest.mark.parametrize("window", [0, 3])
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
+@torch.no_grad()
+def test_chunked_prefill_gives_the_full_forward_logits(window, padded):
+    model = make_model(seed=6, attention=AttentionConfig(num_heads=4, num_kv_heads=2, head_dim=8,
+                                                         sliding_window=window))
+    if padded:
+        ids, mask = left_pad([[4, 8, 15, 16, 23, 42, 7, 9, 10, 11], [5, 6, 7, 8, 9]], pad_id=0)
+    else:
+        ids = torch.randint(0, 101, (2, 10), generator=torch.Generator().manual_seed(7))
+        mask = torch.ones_like(ids)
+    positions = positions_from_mask(mask)
+    full = model(ids, position_ids=positions, attention_mask=mask).logits
+    cache = model.new_cache()
+    chunks = [(0, 4), (4, 7), (7, 8), (8, 10)]  # past > 0 with several new tokens, and single tokens
+    steps = [model(ids[:, a:b], position_ids=positions[:, a:b], cache=cache, attention_mask=mask[:, a:b]).logits
+             for a, b in chunks]
+    real = mask.bool()
+    assert (torch.cat(steps, dim=1) - full)[real].abs().max() <= TOLERANCE
+
+
+class SDPASpy:
+    def __init__(self, monkeypatch):
+        self.calls = []
+        self._sdpa = torch.nn.functional.scaled_dot_product_attention
+        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", self)
+
+    def __call__(self, q, k, v, attn_mask=None, is_causal=False, **kwargs):
+        self.calls.append((tuple(q.shape), attn_mask, is_causal))
+        return self._sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kwargs)
+
+
+def test_unpadded_decoding_needs_no_mask(monkeypatch):
+    model = make_model()
+    spy = SDPASpy(monkeypatch)
+    generate(model, torch.tensor([[3, 1, 4, 1, 5], [9, 2, 6, 5, 3]]), max_new_tokens=3)
+    (prefill_q, prefill_mask, prefill_causal), *steps = spy.calls
+    assert prefill_q[2] == 5 and prefill_mask is None and prefill_causal
+    assert len(steps) == 2 and all(q[2] == 1 and mask is None and not causal for q, mask, causal in steps)
+
+
+def test_key_value_buffers_grow_geometrically_or_not_at_all():
+    model = make_model()
+    prompt = torch.tensor([[1, 2, 3]])
+    for max_length, allocations in ((0, 3), (3 + 20, 1)):  # without a length hint: 3 -> 6 -> 12 -> 24 keys
+        cache = model.new_cache(max_length=max_length)
+        buffers = set()
+        with torch.no_grad():
+            model(prompt, cache=cache)
+            for step in range(20):
+                model(torch.tensor([[step]]), cache=cache)
+                buffers.add(cache.layers[2]["k"].data_ptr())
+        assert len(buffers) == allocations
+        assert cache.layers[2]["k"].shape[2] >= 23
+
+
+@torch.no_grad()
+def test_dropping_cache_rows_leaves_the_others_decoding_as_before():
+    model = make_model(seed=8)
+    ids, mask = left_pad(PROMPTS, pad_id=0)
+    positions = positions_from_mask(mask)
+    cache = model.new_cache()
+    model(ids, position_ids=positions, cache=cache, attention_mask=mask)
+    cache.select_rows(torch.tensor([0, 2]))
+    step = model(torch.tensor([[5], [6]]), position_ids=positions[[0, 2], -1:] + 1, cache=cache).logits
+    for row, (prompt, token) in enumerate(zip((PROMPTS[0], PROMPTS[2]), (5, 6))):
+        alone = model(torch.tensor([prompt + [token]])).logits[0, -1]
+        assert (step[row, -1] - alone).abs().max() <= TOLERANCE

@@ -57,6 +57,7 @@ def build(cfg: ModelConfig, seed: int = 0) -> HybridLM:
         (lambda: MoEConfig(score_func="relu"), "score_func='relu'"),
         (lambda: small_config(hidden_size=0), "model.hidden_size=0 must be > 0"),
         (lambda: GatedDeltaNetConfig(backend="cuda"), "model.gdn.backend='cuda'"),
+        (lambda: AttentionConfig(backend="flash"), "model.attention.backend='flash'; choose one of"),
     ],
 )
 def test_config_errors_name_the_key(make, match):
@@ -146,16 +147,47 @@ def test_loss_is_mean_cross_entropy_plus_router_terms():
     x = torch.randint(0, 97, (2, 16))
     labels = torch.randint(0, 97, (2, 16))
     labels[0, :5] = -100
-    out = model(x, labels=labels)
+    out = model(x, labels=labels, return_logits=True)
     mask = labels != -100
-    expected_ce = torch.nn.functional.cross_entropy(out.logits[mask], labels[mask])
-    torch.testing.assert_close(out.ce_loss, expected_ce)
+    expected_ce = torch.nn.functional.cross_entropy(out.logits[mask], labels[mask]).to(out.ce_loss.dtype)
+    torch.testing.assert_close(out.ce_loss, expected_ce, rtol=1e-6, atol=1e-7)  # the logits are fp32, the loss fp64
     torch.testing.assert_close(out.loss, expected_ce + cfg.moe.aux_loss_coef * out.aux_loss
                                + cfg.moe.z_loss_coef * out.z_loss)
     (counts,) = out.expert_counts
     assert counts.sum().item() == 2 * 16 * cfg.moe.top_k
     out.loss.backward()
     assert model.layers[0].mlp.gate.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("tie_embeddings", [False, True])
+def test_chunked_loss_equals_cross_entropy_of_the_logits_with_the_same_gradients(monkeypatch, tie_embeddings):
+    import hybridlm.model
+
+    monkeypatch.setattr(hybridlm.model, "LOSS_CHUNK_LOGITS", 97 * 5)  # 5 tokens per chunk: 33 = 6 chunks + 3
+    model = build(small_config(tie_embeddings=tie_embeddings))
+    x = torch.randint(0, 97, (3, 11))
+    labels = torch.randint(0, 97, (3, 11))
+    labels[1, 3:7] = -100
+
+    def grads(loss):
+        params = [p for p in model.parameters() if p.requires_grad]
+        return torch.cat([g.flatten() for g in torch.autograd.grad(loss, params, materialize_grads=True)])
+
+    out = model(x, labels=labels)
+    assert out.logits is None  # the loss alone never builds [B,T,V] logits
+    logits = model(x).logits
+    expected = torch.nn.functional.cross_entropy(logits.reshape(-1, 97), labels.reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(out.ce_loss, expected.to(out.ce_loss.dtype), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(grads(out.ce_loss), grads(expected).to(torch.float64), rtol=1e-5, atol=1e-7)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, labels=labels).ce_loss, out.ce_loss.detach())
+
+
+def test_logits_to_keep_gives_the_last_positions():
+    model = build(small_config())
+    x = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, logits_to_keep=2).logits, model(x).logits[:, -2:])
 
 
 def test_balanced_router_gives_aux_loss_one():

@@ -1,31 +1,210 @@
-"""Causal softmax attention: GQA, q/k RMSNorm, partial RoPE, optional sigmoid output gate and sliding window."""
+"""Causal softmax attention: GQA, q/k RMSNorm, partial RoPE, optional sigmoid output gate and sliding window.
+
+Which keys a query sees is one rule (`visibility_rule`): not later than the query, inside the sliding window, and in
+the same segment (document, or padding). Attention always runs per row [B,T]: packed documents never cross rows. The
+model turns the rule into an `AttentionPattern` once per forward pass, shared by every attention layer:
+- one document per row, no window: SDPA's `is_causal`, no mask (the flash kernel on CUDA);
+- packed documents or a window, with the flex backend (auto on CUDA): FlexAttention with a block mask computed from
+  block boundaries, so block pairs across documents or outside the window are skipped, never materialised;
+- otherwise (CPU, padded batches): SDPA with a boolean mask [B,1,T,T] per row.
+Decoding writes keys and values into buffers that grow geometrically and asks for a mask only when the rule needs
+one: a single new token with no padding sees every cached key (with a window: the keys of the window, sliced).
+"""
 
 from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import CausalBias, causal_lower_right
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from hybridlm.config import AttentionConfig
 from hybridlm.layers.norm import RMSNorm
 from hybridlm.layers.rope import RotaryEmbedding, apply_rotary
 
+FLEX_BLOCK_SIZE = 128  # FlexAttention's sparse block; its kernels tile queries and keys by it
 
-def attention_mask(
-    q_index: torch.Tensor,
-    k_index: torch.Tensor,
-    q_segments: torch.Tensor | None,
-    k_segments: torch.Tensor | None,
-    window: int,
+
+def visibility_rule(segment_ids: torch.Tensor | None, window: int) -> Callable[..., torch.Tensor]:
+    """The attention rule as a FlexAttention `mask_mod(b, h, q, k) -> visible`. q and k are positions along a row
+    (indices into the keys, not RoPE positions): k is visible from q when k <= q, q - k < `window` (0: unbounded) and
+    both carry the same id in `segment_ids` [B, keys] (None: one segment)."""
+
+    def rule(b, h, q_idx, kv_idx):
+        visible = kv_idx <= q_idx
+        if window:
+            visible = visible & (q_idx - kv_idx < window)
+        if segment_ids is not None:
+            visible = visible & (segment_ids[b, q_idx] == segment_ids[b, kv_idx])
+        return visible
+
+    return rule
+
+
+def dense_mask(
+    segment_ids: torch.Tensor | None, window: int, q_index: torch.Tensor, k_index: torch.Tensor
 ) -> torch.Tensor:
-    """Boolean [B,1,Tq,Tk] mask: causal, inside one document, within the sliding window (0 = unbounded).
-    Indices are absolute positions along the (flattened) row, not RoPE positions."""
-    allowed = k_index[:, None, :] <= q_index[:, :, None]
+    """`visibility_rule` at every (query, key) pair: bool [B or 1, 1, Tq, Tk] for SDPA (1 broadcasts over rows)."""
+    rows = torch.arange(1 if segment_ids is None else segment_ids.shape[0], device=q_index.device)
+    rule = visibility_rule(segment_ids, window)
+    return rule(rows[:, None, None, None], 0, q_index[None, None, :, None], k_index[None, None, None, :])
+
+
+def _block_lists(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense block flags [B,1,Q_blocks,KV_blocks] -> BlockMask's (count per query block, key blocks listed first)."""
+    counts = blocks.sum(-1, dtype=torch.int32)
+    order = torch.argsort(blocks.to(torch.int8), dim=-1, descending=True, stable=True)
+    return counts, order.to(torch.int32)
+
+
+def document_block_mask(
+    segment_ids: torch.Tensor | None,
+    seq_len: int,
+    window: int,
+    device: torch.device,
+    block_size: int = FLEX_BLOCK_SIZE,
+) -> BlockMask:
+    """FlexAttention's BlockMask for `visibility_rule` over rows of `seq_len` tokens, computed per pair of blocks from
+    the block boundaries (cost B * (T / block)^2), not from a dense [B,T,T] mask. `segment_ids` [B,T] must never
+    decrease along a row, as packed documents do. A block pair is empty (skipped), full (every pair visible; no
+    mask_mod call) or partial (mask_mod decides per pair), exactly as `create_block_mask` classifies it."""
+    starts = torch.arange(0, seq_len, block_size, device=device)
+    ends = (starts + block_size).clamp(max=seq_len) - 1  # last position of each block
+    whole = (ends - starts + 1) == block_size  # a cut last block is never full, as create_block_mask pads it
+    q_first, q_last, k_first, k_last = starts[:, None], ends[:, None], starts[None, :], ends[None, :]
+    # The visible pair closest in distance: the query block's first token and the latest key not after it.
+    k_nearest = torch.minimum(k_last, q_first)
+    nonempty = k_first <= q_last
+    full = (k_last <= q_first) & whole[:, None] & whole[None, :]
     if window:
-        allowed = allowed & (q_index[:, :, None] - k_index[:, None, :] < window)
-    if q_segments is not None:
-        allowed = allowed & (q_segments[:, :, None] == k_segments[:, None, :])
-    return allowed[:, None]
+        nonempty = nonempty & (q_first - k_nearest < window)
+        full = full & (q_last - k_first < window)
+    if segment_ids is not None:
+        # Segments never decrease along a row, so a block pair shares a document iff its closest pair does, and lies
+        # inside one document iff its farthest pair (last query, first key) does.
+        nonempty = nonempty & (segment_ids[:, k_nearest] == segment_ids[:, q_first])
+        full = full & (segment_ids[:, k_first] == segment_ids[:, q_last])
+    blocks = len(starts)
+    full = full.reshape(-1, 1, blocks, blocks)  # [B or 1, 1, Q blocks, KV blocks]; 1 broadcasts over rows
+    partial = nonempty.reshape(-1, 1, blocks, blocks) & ~full
+    kv_num_blocks, kv_indices = _block_lists(partial)
+    full_kv_num_blocks, full_kv_indices = _block_lists(full)
+    return BlockMask.from_kv_blocks(
+        kv_num_blocks,
+        kv_indices,
+        full_kv_num_blocks,
+        full_kv_indices,
+        BLOCK_SIZE=block_size,
+        mask_mod=visibility_rule(segment_ids, window),
+        seq_lengths=(seq_len, seq_len),
+    )
+
+
+@dataclass
+class AttentionPattern:
+    """How every attention layer of one forward pass applies the rule; built once by the model. At most one of
+    `is_causal`, `mask` and `block_mask` is set; none: every key is visible (one new token against a cache)."""
+
+    is_causal: bool = False
+    mask: torch.Tensor | CausalBias | None = None  # SDPA attn_mask: True (or the bias) where visible
+    block_mask: BlockMask | None = None  # FlexAttention
+    cached_tokens: int = 0  # decoding: keys in the cache before this call's tokens
+    first_key: int = 0  # decoding: keys before this one are outside every query's window and are not read
+    cache_capacity: int = 0  # decoding: tokens a newly allocated key/value buffer holds at least
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """`model.attention.backend` for tensors on `device`: auto is FlexAttention on CUDA, SDPA elsewhere."""
+    if backend == "auto":
+        return "flex" if device.type == "cuda" else "sdpa"
+    return backend
+
+
+def sequence_pattern(
+    seq_len: int,
+    device: torch.device,
+    *,
+    window: int,
+    backend: str,
+    segment_ids: torch.Tensor | None = None,
+    sorted_segments: bool = False,
+) -> AttentionPattern:
+    """Whole rows, no cache (training, scoring). `segment_ids` [B,T]: None when each row is one document;
+    `sorted_segments` when they never decrease along a row (packing), which the flex block mask needs."""
+    if segment_ids is None and not window:
+        return AttentionPattern(is_causal=True)
+    if resolve_backend(backend, device) == "flex" and (segment_ids is None or sorted_segments):
+        return AttentionPattern(block_mask=document_block_mask(segment_ids, seq_len, window, device, FLEX_BLOCK_SIZE))
+    index = torch.arange(seq_len, device=device)
+    return AttentionPattern(mask=dense_mask(segment_ids, window, index, index))
+
+
+def cached_pattern(
+    cached_tokens: int,
+    new_tokens: int,
+    device: torch.device,
+    *,
+    window: int,
+    key_segments: torch.Tensor | None = None,
+    cache_capacity: int = 0,
+) -> AttentionPattern:
+    """Decoding: `new_tokens` queries after `cached_tokens` cached keys. `key_segments` [B, keys] (0: padding,
+    1: token) once the batch has padding, else None."""
+    keys = cached_tokens + new_tokens
+    first_key = max(0, cached_tokens - window + 1) if window else 0  # the earliest key the first query may see
+    cache_fields = dict(cached_tokens=cached_tokens, first_key=first_key, cache_capacity=cache_capacity)
+    window_binds = window and keys - first_key > window
+    if key_segments is None and not window_binds:
+        if new_tokens == 1:
+            return AttentionPattern(**cache_fields)
+        if cached_tokens == first_key:
+            return AttentionPattern(is_causal=True, **cache_fields)
+        return AttentionPattern(mask=causal_lower_right(new_tokens, keys - first_key), **cache_fields)  # chunked prefill
+    q_index, k_index = torch.arange(cached_tokens, keys, device=device), torch.arange(first_key, keys, device=device)
+    return AttentionPattern(mask=dense_mask(key_segments, window, q_index, k_index), **cache_fields)
+
+
+def append_along(
+    buffer: torch.Tensor | None, length: int, new: torch.Tensor, dim: int, capacity: int = 0
+) -> torch.Tensor:
+    """Write `new` after the first `length` entries of `buffer` along `dim`. A full buffer is replaced by one of
+    at least twice the size (and at least `capacity`), so appending token by token copies each entry O(1) times."""
+    needed = length + new.shape[dim]
+    if buffer is None or buffer.shape[dim] < needed:
+        size = max(needed, capacity, 2 * buffer.shape[dim] if buffer is not None else 0)
+        shape = list(new.shape)
+        shape[dim] = size
+        grown = new.new_empty(shape)
+        if buffer is not None and length:
+            grown.narrow(dim, 0, length).copy_(buffer.narrow(dim, 0, length))
+        buffer = grown
+    buffer.narrow(dim, length, new.shape[dim]).copy_(new)
+    return buffer
+
+
+@functools.cache
+def compiled_flex_attention():
+    # Compiled once per process, on first use: eager flex_attention materialises the full score matrix.
+    return torch.compile(flex_attention)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: AttentionPattern) -> torch.Tensor:
+    """q [B,H,Tq,d], k and v [B,H_kv,Tk,d] -> [B,H,Tq,d]."""
+    gqa = q.shape[1] != k.shape[1]
+    if pattern.block_mask is not None:
+        return compiled_flex_attention()(q, k, v, block_mask=pattern.block_mask, enable_gqa=gqa)
+    B, H, Tq, d = q.shape
+    if gqa and Tq == 1 and isinstance(pattern.mask, torch.Tensor):
+        # One query per row: fold each KV head's query heads into the query axis, so the masked call needs neither
+        # GQA support (CUDA's mask-capable kernel has none) nor repeated keys.
+        folded = q.reshape(B, k.shape[1], H // k.shape[1], d)
+        return F.scaled_dot_product_attention(folded, k, v, attn_mask=pattern.mask).reshape(B, H, 1, d)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=pattern.mask, is_causal=pattern.is_causal, enable_gqa=gqa)
 
 
 class Attention(nn.Module):
@@ -47,11 +226,12 @@ class Attention(nn.Module):
         self,
         x: torch.Tensor,
         position_ids: torch.Tensor,
-        segment_ids: torch.Tensor | None = None,
+        pattern: AttentionPattern,
         cache: dict | None = None,
     ) -> torch.Tensor:
-        """x [B,T,H]; position_ids [B,T] restart at 0 per document (RoPE); segment_ids [B,T] keep documents apart.
-        `cache` (decoding) holds "k", "v" [B,T_past,kv_heads,d] and "segment_ids"; it is updated in place."""
+        """x [B,T,H]; position_ids [B,T] for RoPE (restarting at 0 per document); `pattern` says which keys each
+        query sees. `cache` (decoding) holds "k" and "v" buffers [B,kv_heads,capacity,d]; the first
+        `pattern.cached_tokens` positions are filled, and this call's keys and values are written after them."""
         cfg = self.cfg
         B, T, _ = x.shape
         d = cfg.head_dim
@@ -66,29 +246,14 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = self.rotary(position_ids)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-
-        past = 0 if cache is None or "k" not in cache else cache["k"].shape[1]
-        q_index = torch.arange(past, past + T, device=x.device).expand(B, T)
-        q_segments = k_segments = segment_ids
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, d]
         if cache is not None:
-            if past:
-                k, v = torch.cat((cache["k"], k), dim=1), torch.cat((cache["v"], v), dim=1)
-                if segment_ids is not None:
-                    k_segments = torch.cat((cache["segment_ids"], segment_ids), dim=1)
-            cache.update(k=k, v=v, segment_ids=k_segments)
-        k_index = torch.arange(k.shape[1], device=x.device).expand(B, -1)
-        # Plain causal attention needs no mask (SDPA picks its fused kernels); anything else gets an explicit one.
-        plain_causal = segment_ids is None and not cfg.sliding_window and not past
-        mask = None if plain_causal else attention_mask(q_index, k_index, q_segments, k_segments, cfg.sliding_window)
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2),
-            k.transpose(1, 2),
-            v.transpose(1, 2),
-            attn_mask=mask,
-            is_causal=plain_causal,
-            enable_gqa=cfg.num_heads != cfg.num_kv_heads,
-        )
-        out = out.transpose(1, 2).reshape(B, T, -1)
+            past, capacity = pattern.cached_tokens, pattern.cache_capacity
+            cache["k"] = append_along(cache.get("k"), past, k, dim=2, capacity=capacity)
+            cache["v"] = append_along(cache.get("v"), past, v, dim=2, capacity=capacity)
+            k = cache["k"][:, :, pattern.first_key : past + T]
+            v = cache["v"][:, :, pattern.first_key : past + T]
+        out = attend(q, k, v, pattern).transpose(1, 2).reshape(B, T, -1)
         if gate is not None:
             out = out * torch.sigmoid(gate)
         return self.o_proj(out)

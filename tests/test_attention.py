@@ -1,0 +1,151 @@
+"""Attention patterns: the FlexAttention block mask equals torch's own, the flex path equals the SDPA path, and packed
+batches attend per row (masks of B*T^2, never (B*T)^2). FlexAttention on CPU runs forward only (torch has no CPU
+backward for it): eager here, compiled (inductor, fp32) in a slow test; its backward is checked on CUDA only."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+from hybridlm.config import AttentionConfig, GatedDeltaNetConfig, ModelConfig, MoEConfig
+from hybridlm.layers import attention
+from hybridlm.layers.attention import dense_mask, document_block_mask, visibility_rule
+from hybridlm.model import HybridLM
+
+CPU = torch.device("cpu")
+
+
+def sorted_segments(batch: int, seq_len: int, seed: int) -> torch.Tensor:
+    """Document ids that never decrease along a row, as packing gives."""
+    ids = torch.randint(0, 6, (batch, seq_len), generator=torch.Generator().manual_seed(seed))
+    return ids.sort(dim=1).values
+
+
+def eager_flex(*args, **kwargs):
+    with warnings.catch_warnings():  # "called without torch.compile": eager flex is the unfused reference
+        warnings.simplefilter("ignore", UserWarning)
+        return flex_attention(*args, **kwargs)
+
+
+@pytest.mark.parametrize("seq_len", [64, 70])
+@pytest.mark.parametrize("window", [0, 5, 20])
+@pytest.mark.parametrize("packed", [False, True])
+def test_block_mask_from_block_boundaries_equals_create_block_mask(seq_len, window, packed):
+    segments = sorted_segments(3, seq_len, seed=seq_len + window) if packed else None
+    ours = document_block_mask(segments, seq_len, window, CPU, block_size=16)
+    theirs = create_block_mask(visibility_rule(segments, window), 3 if packed else 1, 1, seq_len, seq_len,
+                               device="cpu", BLOCK_SIZE=16)
+    assert torch.equal(ours.kv_num_blocks, theirs.kv_num_blocks)
+    assert torch.equal(ours.full_kv_num_blocks, theirs.full_kv_num_blocks)
+    assert torch.equal(ours.to_dense(), theirs.to_dense())
+    if packed:
+        assert ours.sparsity() > theirs.sparsity() - 1e-9 > 0  # blocks across documents are skipped
+
+
+@pytest.mark.parametrize("window", [0, 7])
+def test_flex_with_the_block_mask_equals_sdpa_with_the_dense_mask(window):
+    B, T = 2, 70
+    segments = sorted_segments(B, T, seed=window)
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(B, 4, T, 8, generator=gen, dtype=torch.float64)
+    k = torch.randn(B, 2, T, 8, generator=gen, dtype=torch.float64)
+    v = torch.randn(B, 2, T, 8, generator=gen, dtype=torch.float64)
+    index = torch.arange(T)
+    block_mask = document_block_mask(segments, T, window, CPU, block_size=16)
+    flex = eager_flex(q, k, v, block_mask=block_mask, enable_gqa=True)
+    sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask(segments, window, index, index),
+                                          enable_gqa=True)
+    torch.testing.assert_close(flex, sdpa)
+
+
+def packed_model(backend: str, window: int = 0, seed: int = 0, dtype: torch.dtype = torch.float64) -> HybridLM:
+    cfg = ModelConfig(
+        vocab_size=97,
+        hidden_size=32,
+        num_layers=3,
+        layer_pattern="GAA",
+        mlp_pattern="D",
+        intermediate_size=48,
+        gdn=GatedDeltaNetConfig(num_k_heads=2, num_v_heads=4, head_k_dim=8, head_v_dim=8),
+        attention=AttentionConfig(num_heads=4, num_kv_heads=2, head_dim=8, sliding_window=window, backend=backend),
+        moe=MoEConfig(num_experts=4, top_k=2, intermediate_size=16),
+    )
+    torch.manual_seed(seed)
+    return HybridLM(cfg).to(dtype).eval()
+
+
+def packed_batch(lengths: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of documents with these lengths -> (input_ids [B,T], cu_seqlens over the flattened tokens)."""
+    bounds = [0]
+    for row in lengths:
+        for n in row:
+            bounds.append(bounds[-1] + n)
+    ids = torch.randint(0, 97, (len(lengths), sum(lengths[0])), generator=torch.Generator().manual_seed(2))
+    return ids, torch.tensor(bounds, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("window", [0, 6])
+def test_flex_model_equals_sdpa_model_on_a_packed_batch(monkeypatch, window):
+    monkeypatch.setattr(attention, "compiled_flex_attention", lambda: eager_flex)
+    monkeypatch.setattr(attention, "FLEX_BLOCK_SIZE", 16)  # several blocks at T = 48
+    ids, cu = packed_batch([[9, 30, 9], [48], [20, 28]])
+    with torch.no_grad():
+        sdpa = packed_model("sdpa", window)(ids, cu_seqlens=cu).logits
+        flex = packed_model("flex", window)(ids, cu_seqlens=cu).logits
+    torch.testing.assert_close(flex, sdpa)
+
+
+@pytest.mark.slow
+def test_compiled_flex_model_equals_sdpa_model():
+    # The real torch.compile path, on CPU (inductor, which takes fp32 at most; tens of seconds to build).
+    ids, cu = packed_batch([[20, 44], [64]])
+    with torch.no_grad():
+        sdpa = packed_model("sdpa", dtype=torch.float32)(ids, cu_seqlens=cu).logits
+        flex = packed_model("flex", dtype=torch.float32)(ids, cu_seqlens=cu).logits
+    torch.testing.assert_close(flex, sdpa, rtol=1e-4, atol=1e-5)
+
+
+class SDPASpy:
+    """Records the shapes of every SDPA call (and whether a mask came with it), then runs it."""
+
+    def __init__(self, monkeypatch):
+        self.calls = []
+        self._sdpa = F.scaled_dot_product_attention
+        monkeypatch.setattr(F, "scaled_dot_product_attention", self)
+
+    def __call__(self, q, k, v, attn_mask=None, is_causal=False, **kwargs):
+        self.calls.append(dict(q=tuple(q.shape), k=tuple(k.shape), mask=attn_mask, is_causal=is_causal))
+        return self._sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kwargs)
+
+
+def test_packed_attention_runs_per_row_with_one_mask_for_all_layers(monkeypatch):
+    B, T = 8, 32
+    ids, cu = packed_batch([[10, 22]] * B)
+    spy = SDPASpy(monkeypatch)
+    with torch.no_grad():
+        packed_model("sdpa")(ids, cu_seqlens=cu)
+    assert len(spy.calls) == 2  # two attention layers
+    for call in spy.calls:
+        assert call["q"] == (B, 4, T, 8) and call["k"] == (B, 2, T, 8)
+        assert tuple(call["mask"].shape) == (B, 1, T, T)  # B*T^2 entries, not (B*T)^2
+    assert spy.calls[0]["mask"] is spy.calls[1]["mask"]  # built once per forward
+
+
+def test_rows_of_one_document_take_the_mask_free_causal_kernel(monkeypatch):
+    ids, cu = packed_batch([[32]] * 4)  # the unpacked loader: cu_seqlens holds just the row starts
+    spy = SDPASpy(monkeypatch)
+    with torch.no_grad():
+        packed = packed_model("auto")(ids, cu_seqlens=cu).logits
+        plain = packed_model("auto")(ids).logits
+    assert all(call["mask"] is None and call["is_causal"] for call in spy.calls)
+    torch.testing.assert_close(packed, plain)
+
+
+def test_documents_crossing_rows_are_refused():
+    ids = torch.randint(0, 97, (2, 8))
+    with pytest.raises(ValueError, match=r"contain every row start \(a multiple of T=8\)"):
+        packed_model("sdpa")(ids, cu_seqlens=torch.tensor([0, 5, 12, 16], dtype=torch.int32))
