@@ -149,3 +149,64 @@ def test_documents_crossing_rows_are_refused():
     ids = torch.randint(0, 97, (2, 8))
     with pytest.raises(ValueError, match=r"contain every row start \(a multiple of T=8\)"):
         packed_model("sdpa")(ids, cu_seqlens=torch.tensor([0, 5, 12, 16], dtype=torch.int32))
+
+
+# --- CUDA: the compiled flex kernels, their memory at gpu_1b size, and which SDPA kernels decoding takes ----------
+
+
+def cuda_qkv(batch: int, q_len: int, k_len: int, dtype=torch.bfloat16, requires_grad: bool = False):
+    """Query/key/value at gpu_1b's attention shape: 8 query heads, 2 KV heads, head_dim 128."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    shapes = ((batch, 8, q_len, 128), (batch, 2, k_len, 128), (batch, 2, k_len, 128))
+    return [torch.randn(s, device="cuda", dtype=dtype, generator=gen).requires_grad_(requires_grad) for s in shapes]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("window", [0, 300])
+def test_compiled_flex_on_cuda_equals_sdpa_forward_and_backward(window):
+    B, T = 2, 1024
+    segments = sorted_segments(B, T, seed=3).cuda()
+    q, k, v = cuda_qkv(B, T, T, torch.float32, requires_grad=True)
+    flex_pattern = attention.sequence_pattern(T, q.device, window=window, backend="flex", segment_ids=segments,
+                                              sorted_segments=True)
+    assert flex_pattern.block_mask is not None
+    sdpa_pattern = attention.sequence_pattern(T, q.device, window=window, backend="sdpa", segment_ids=segments)
+    flex, sdpa = attention.attend(q, k, v, flex_pattern), attention.attend(q, k, v, sdpa_pattern)
+    torch.testing.assert_close(flex, sdpa, rtol=2e-3, atol=2e-3)
+    grad = torch.randn_like(flex)
+    for ours, reference in zip(torch.autograd.grad(flex, (q, k, v), grad), torch.autograd.grad(sdpa, (q, k, v), grad)):
+        torch.testing.assert_close(ours, reference, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.gpu
+def test_packed_attention_at_gpu_1b_size_4k_x_8_needs_no_quadratic_memory():
+    # Over one flattened row of 32768 tokens, the dense bool mask alone was 1 GiB and the math kernel's scores ~34 GB.
+    B, T = 8, 4096
+    segments = sorted_segments(B, T, seed=4).cuda()
+    q, k, v = cuda_qkv(B, T, T, requires_grad=True)
+    pattern = attention.sequence_pattern(T, q.device, window=0, backend="auto", segment_ids=segments,
+                                         sorted_segments=True)
+    attention.attend(q, k, v, pattern).sum().backward()  # compile outside the measurement
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    attention.attend(q, k, v, pattern).backward(torch.ones(B, 8, T, 128, device="cuda", dtype=torch.bfloat16))
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - before
+    assert extra < 2**30, f"attention forward + backward took {extra / 2**20:.0f} MiB beyond its inputs"
+
+
+@pytest.mark.gpu
+def test_decoding_patterns_take_the_fused_sdpa_kernels():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    cuda = torch.device("cuda")
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):  # raises if a call cannot run on the flash kernel
+        attention.attend(*cuda_qkv(2, 16, 16), attention.cached_pattern(0, 16, cuda, window=0))  # prefill
+        attention.attend(*cuda_qkv(2, 1, 64), attention.cached_pattern(63, 1, cuda, window=0))  # one new token
+        attention.attend(*cuda_qkv(2, 16, 64), attention.cached_pattern(48, 16, cuda, window=0))  # chunked prefill
+    key_segments = torch.ones(2, 64, dtype=torch.int64, device=cuda)
+    key_segments[0, :5] = 0  # left padding
+    with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):  # a padded batch's step: masked, GQA folded into the queries
+        pattern = attention.cached_pattern(63, 1, cuda, window=0, key_segments=key_segments)
+        attention.attend(*cuda_qkv(2, 1, 64), pattern)
