@@ -1,6 +1,9 @@
-"""Preemption handling and Slurm -> torch.distributed environment, without a cluster (fast, CPU).
+"""Preemption handling and Slurm -> torch.distributed environment, without a cluster (CPU).
 
-The real-cluster counterparts (sbatch, submitit, requeue after a signal) are in test_slurm_cluster.py.
+The trainer's own reaction is tested through train.py: a signal during start-up exits before training with nothing
+saved; a signal mid-run and a second one held inside the save (tests/helpers/preemption_hooks.py) give one complete
+checkpoint from which a resumed run ends exactly as an uninterrupted one. The real-cluster counterparts (sbatch,
+submitit, requeue after a signal) are in test_slurm_cluster.py.
 """
 
 from __future__ import annotations
@@ -9,11 +12,16 @@ import os
 import signal
 import socket
 import stat
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch.multiprocessing as mp
+from helpers.launch import REPO, read_metrics, tiny_run, train, train_command, train_env
 
+from hybridlm.train.checkpoint import complete_checkpoints
 from hybridlm.train.distributed import TORCH_ENV_KEYS, export_torch_env_from_scheduler, job_master_port
 from hybridlm.train.preemption import PreemptionHandler, parse_signal
 
@@ -83,21 +91,99 @@ def test_signals_only_set_the_flag_and_uninstall_restores_previous_handlers(clea
     assert {sig: signal.getsignal(sig) for sig in previous} == previous
 
 
-def test_second_signal_during_the_save_neither_interrupts_nor_corrupts_it(tmp_path, clean_env):
-    """The save runs to its end while signals keep arriving; the file it writes is whole."""
-    target = tmp_path / "checkpoint.bin"
-    payload = os.urandom(1 << 20)
-    with PreemptionHandler(["SIGUSR1"]) as handler:
-        os.kill(os.getpid(), signal.SIGUSR1)
-        assert handler.agree()
-        tmp = target.with_suffix(".tmp")
-        with tmp.open("wb") as f:
-            for offset in range(0, len(payload), 1 << 16):
-                f.write(payload[offset : offset + (1 << 16)])
-                os.kill(os.getpid(), signal.SIGUSR1)  # a second (third, ...) warning mid-save
-        os.replace(tmp, target)
-        assert handler.requested
-    assert target.read_bytes() == payload
+# --- the trainer: signals during start-up, mid-run and during the save ---------------------------------------------
+
+HOOKS = [REPO / "tests" / "helpers" / "preemption_hooks.py"]
+MAX_STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def data_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("data_cache")
+
+
+@pytest.fixture(scope="module")
+def run_overrides(data_cache) -> list[str]:
+    # 8 rows per step: slow enough (~0.2 s a step) that a signal sent after step 1 lands mid-run.
+    return tiny_run(data_cache) + [f"trainer.max_steps={MAX_STEPS}", "deepspeed.micro_batch_size=8"]
+
+
+def test_signal_while_building_the_data_exits_before_training_with_nothing_saved(run_overrides, tmp_path):
+    out_dir = tmp_path / "run"
+    result = train(out_dir, run_overrides, prefix=HOOKS, env={"HYBRIDLM_TEST_SIGNAL_DURING": "data"})
+    assert "[preemption] SIGUSR1 during start-up (data): nothing trained" in result.stdout, result.stdout[-3000:]
+    assert "not under Slurm; exiting" in result.stdout  # the requeue step of a plain process
+    assert not (out_dir / "metrics.jsonl").exists() and not (out_dir / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_signal_while_loading_the_checkpoint_exits_before_training_and_keeps_it(run_overrides, tmp_path):
+    out_dir = tmp_path / "run"
+    train(out_dir, run_overrides + ["trainer.stop_at_step=3"])
+    before = (out_dir / "metrics.jsonl").read_text()
+    result = train(out_dir, run_overrides, prefix=HOOKS, env={"HYBRIDLM_TEST_SIGNAL_DURING": "checkpoint"})
+    assert "during start-up (model, engine and checkpoint): nothing trained" in result.stdout, result.stdout[-3000:]
+    assert [path.name for path in complete_checkpoints(out_dir)] == ["step_00000003"]
+    assert (out_dir / "metrics.jsonl").read_text() == before  # not one more step
+
+
+@pytest.mark.slow
+def test_signal_mid_run_and_again_during_the_save_then_resume_matches_the_uninterrupted_run(run_overrides, tmp_path):
+    reference_dir, out_dir = tmp_path / "reference", tmp_path / "preempted"
+    train(reference_dir, run_overrides)
+    held = tmp_path / "save-held"
+    command = train_command(out_dir, run_overrides, prefix=HOOKS)
+    log = tmp_path / "preempted.log"
+    with log.open("w") as output:
+        process = subprocess.Popen(command, cwd=tmp_path, stdout=output, stderr=subprocess.STDOUT,
+                                   env=train_env({"HYBRIDLM_TEST_HOLD_PREEMPTION_SAVE": str(held)}))  # fmt: skip
+    try:
+        metrics = out_dir / "metrics.jsonl"
+        _wait_until(lambda: metrics.exists() and "\n" in metrics.read_text(), process, log)  # step 1 is logged
+        process.send_signal(signal.SIGUSR1)  # the scheduler's warning, mid-run
+        _wait_until(held.exists, process, log)  # every rank has written the checkpoint; not yet published
+        process.send_signal(signal.SIGUSR1)  # a second warning during the save
+        assert process.wait(timeout=120) == 0, log.read_text()[-3000:]
+    finally:
+        if process.poll() is None:
+            process.kill()
+    text = log.read_text()
+    assert "[test hook] checkpoint save held: 2 signal(s) caught before publishing" in text, text[-3000:]
+    (stopped,) = complete_checkpoints(out_dir)
+    assert 1 <= int(stopped.name.removeprefix("step_")) < MAX_STEPS
+    resumed = train(out_dir, run_overrides)
+    assert f"resumed from {stopped}" in resumed.stdout
+    expected, got = read_metrics(reference_dir), read_metrics(out_dir)
+    assert got[MAX_STEPS]["loss"] == expected[MAX_STEPS]["loss"]  # exact: CPU fp32, same data, RNG and optimizer state
+    assert read_metrics(out_dir, "val_loss")[MAX_STEPS] == read_metrics(reference_dir, "val_loss")[MAX_STEPS]
+
+
+@pytest.mark.slow
+def test_local_launcher_preset_runs_a_two_point_sweep_of_two_rank_jobs(data_cache, tmp_path):
+    """`-m hydra/launcher=local` (submitit_local): each sweep point is a 2-rank job whose ranks find each other
+    through submitit's environment (hybridlm.train.distributed) and train in trainer.out_dir/N."""
+    sweep_dir = tmp_path / "sweep"
+    overrides = tiny_run(data_cache) + ["trainer.max_steps=4"]
+    command = [sys.executable, str(REPO / "train.py"), "-m", "hydra/launcher=local", "hydra.launcher.tasks_per_node=2",
+               f"trainer.out_dir={sweep_dir}", *overrides, "optim.lr=1e-3,2e-3"]  # fmt: skip
+    result = subprocess.run(command, cwd=tmp_path, env=train_env(), capture_output=True, text=True, timeout=600)
+    job_logs = "\n".join(f"--- {p}\n{p.read_text()[-2000:]}" for p in sorted(sweep_dir.glob(".submitit/**/*.out")))
+    assert result.returncode == 0, f"{result.stdout[-2000:]}\n{result.stderr[-3000:]}\n{job_logs}"
+    for point, lr in enumerate(("0.001", "0.002")):
+        (final,) = complete_checkpoints(sweep_dir / str(point))
+        assert final.name == "step_00000004"
+        assert f"lr: {lr}" in (final / "config.yaml").read_text()
+        assert sorted(p.name for p in final.glob("trainer_state_rank*.pt")) == [
+            "trainer_state_rank0.pt", "trainer_state_rank1.pt"]  # fmt: skip
+    assert job_logs.count("2 rank(s) on cpu") == 2, job_logs  # printed by rank 0 of each job
+
+
+def _wait_until(ready, process: subprocess.Popen, log: Path, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not ready():
+        assert process.poll() is None, f"the run ended early:\n{log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"timed out:\n{log.read_text()[-3000:]}"
+        time.sleep(0.02)
 
 
 def test_empty_signal_list_watches_nothing(clean_env):

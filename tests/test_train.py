@@ -6,14 +6,20 @@ a run that crashes in the middle of a save and is then auto-resumed must reprodu
 
 from __future__ import annotations
 
+import json
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from helpers.crash_during_save import CRASH_EXIT_CODE
-from helpers.launch import REPO, read_metrics, tiny_run, train
+from helpers.launch import REPO, TINY_MODEL, read_metrics, tiny_run, train, train_env
 
-from hybridlm.train.checkpoint import complete_checkpoints, is_checkpoint, resolve_resume
+import hybridlm.train.checkpoint as checkpoint_module
+from hybridlm.train.checkpoint import complete_checkpoints, is_checkpoint, publish, resolve_resume, sweep_leftovers
 
 MAX_STEPS, SAVE_EVERY, KEEP_LAST = 20, 5, 2
 CRASH_STEP = 10  # dies while publishing this step's checkpoint: step 5's stays the newest complete one
@@ -105,6 +111,41 @@ def test_wandb_offline_logs_locally(data_cache, tmp_path):
     assert any(run_dir.glob("*.wandb"))
 
 
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]  # nothing listens once the socket is closed: connections are refused
+
+
+def test_wandb_online_without_a_reachable_server_goes_offline_and_trains(data_cache, tmp_path):
+    """Before: wandb.init blocked ~100 s against an unreachable server, then raised and killed the run."""
+    out_dir = tmp_path / "run"
+    unreachable = {"WANDB_BASE_URL": f"http://127.0.0.1:{_closed_port()}", "WANDB_API_KEY": "0" * 40}
+    started = time.monotonic()
+    result = train(
+        out_dir,
+        tiny_run(data_cache) + ["trainer.max_steps=3", "wandb.mode=online", "wandb.init_timeout_s=2"],
+        env=unreachable,
+    )
+    elapsed = time.monotonic() - started
+    assert "wandb could not start online" in result.stderr and "logging offline" in result.stderr
+    assert sorted(read_metrics(out_dir)) == [1, 2, 3]
+    (run_dir,) = (out_dir / "wandb").glob("offline-run-*")
+    assert any(run_dir.glob("*.wandb"))
+    # ~10 s of wandb's credential check + 2 s init timeout + the run itself (~10 s here), far below wandb's 90 s.
+    assert elapsed < 60, elapsed
+
+
+def test_wandb_online_without_credentials_fails_before_any_work(data_cache, tmp_path):
+    out_dir = tmp_path / "run"
+    no_credentials = {"WANDB_API_KEY": "", "NETRC": str(tmp_path / "no-netrc")}
+    result = train(out_dir, tiny_run(data_cache) + ["trainer.max_steps=3", "wandb.mode=online"], env=no_credentials,
+                   check=False)  # fmt: skip
+    assert result.returncode != 0
+    assert "wandb.mode=online but no wandb credentials" in result.stderr, result.stderr[-3000:]
+    assert not (out_dir / "metrics.jsonl").exists() and not (out_dir / "wandb").exists()
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
@@ -188,3 +229,48 @@ def test_an_export_format_that_does_not_fit_fails_before_training(data_cache, tm
     assert failed.returncode != 0
     assert "sliding_window" in failed.stderr + failed.stdout
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_publish_fsyncs_before_and_after_the_rename_and_replaces_a_resaved_step(tmp_path, monkeypatch):
+    root = tmp_path / "checkpoints"
+    final, tmp = root / "step_00000005", root / ".tmp-step_00000005"
+    (final / "engine").mkdir(parents=True)
+    (final / "engine" / "old.pt").write_text("old")
+    (tmp / "engine").mkdir(parents=True)
+    (tmp / "engine" / "new.pt").write_text("new")
+    synced = []
+    monkeypatch.setattr(checkpoint_module, "_fsync_path", lambda path: synced.append(Path(path)))
+    publish(tmp, final)
+    assert (final / "engine" / "new.pt").read_text() == "new" and not tmp.exists()
+    assert sorted(path.name for path in root.iterdir()) == ["latest", "step_00000005"]
+    assert (root / "latest").read_text() == "step_00000005\n"
+    # The directories' entries reach the disk before the rename publishes them; the rename itself right after.
+    assert synced[:2] == [tmp / "engine", tmp] and synced[2:] == [root, root]
+
+
+def test_sweep_removes_unfinished_saves_and_only_superseded_replacements(tmp_path):
+    root = tmp_path / "checkpoints"
+    for name in (".tmp-step_00000010", ".tmp-replaced-step_00000005", ".tmp-replaced-step_00000007", "step_00000005"):
+        (root / name).mkdir(parents=True)
+    sweep_leftovers(root)
+    # step 7's replaced copy is the only one of that step left (a crash between publish()'s two renames): kept.
+    assert sorted(path.name for path in root.iterdir()) == [".tmp-replaced-step_00000007", "step_00000005"]
+
+
+def test_bf16_engine_keeps_the_fp32_buffers_fp32(tmp_path):
+    """DeepSpeed >= 0.19.2 casts only parameters under bf16 (older releases ran module.bfloat16()): the selection
+    bias, whose 1e-3 steps would vanish in bf16 once |bias| >= 0.5, and RoPE's inverse frequencies stay fp32."""
+    steps = 3
+    overrides = TINY_MODEL + ["deepspeed=zero0", "deepspeed.precision=bf16", "deepspeed.micro_batch_size=2",
+                              "trainer.seq_len=32", "model.moe.selection_bias=true"]  # fmt: skip
+    result = subprocess.run([sys.executable, REPO / "tests" / "helpers" / "engine_buffer_dtypes.py", str(steps),
+                             *overrides], cwd=tmp_path, env=train_env(), capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["parameters"] == {"torch.bfloat16": report["parameters"]["torch.bfloat16"]}  # bf16 really is on
+    buffers = report["buffers"]
+    assert {name.rsplit(".", 1)[-1] for name in buffers} >= {"expert_bias", "inv_freq"}, buffers
+    assert set(buffers.values()) == {"torch.float32"}, buffers
+    # Each step moves every bias by exactly +-1e-3 (sign of the load imbalance): exact multiples only in fp32.
+    bias = report["expert_bias"]
+    assert any(bias) and all(abs(value * 1000 - round(value * 1000)) < 1e-6 for value in bias), bias

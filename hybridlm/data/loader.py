@@ -3,8 +3,12 @@
 All ranks walk the same stream of rows (documents in a seeded per-epoch permutation, cut into rows). A global batch
 is `world_size * micro_batch_size` consecutive rows; rank r takes rows [r*B, (r+1)*B) of it and skips the others
 cheaply (skipping reads only document lengths). So ranks see disjoint data, and the position after each global
-batch is the same on every rank: saving rank 0's `state_dict()` is enough, and a run can resume onto a different
-world size.
+batch is the same on every rank. The position does not depend on the world size, but a training checkpoint does
+(ZeRO shards and RNG states per rank): hybridlm.train.checkpoint resumes only with the world size that saved it.
+
+Memory: each rank keeps the length of every document (uint32) and the current epoch's permutation (int32 below
+2^31 documents) in RAM, 8 bytes per document: 0.8 GB per rank, 6.4 GB per 8-rank node, for 100 M documents. The
+tokens and document offsets stay memory-mapped. Beyond that, shuffle shards rather than documents.
 """
 
 from __future__ import annotations
@@ -21,9 +25,12 @@ def epoch_order(num_items: int, *, seed: int, shuffle: bool) -> Callable[[int], 
     """The item order of each epoch: a fresh seeded permutation per epoch, or the stored order."""
 
     def order(epoch: int) -> np.ndarray:
+        # int32 where it fits: half the RAM of the default int64, and the same permutation (shuffle depends on the
+        # length only).
+        items = np.arange(num_items, dtype=np.int32 if num_items <= np.iinfo(np.int32).max else np.int64)
         if shuffle:
-            return np.random.default_rng([seed, epoch]).permutation(num_items)
-        return np.arange(num_items)
+            np.random.default_rng([seed, epoch]).shuffle(items)
+        return items
 
     return order
 

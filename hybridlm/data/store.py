@@ -61,7 +61,11 @@ class DocumentSet:
         self._offsets = [offsets for _, offsets in shards]
         counts = [len(offsets) - 1 for offsets in self._offsets]
         self._first_document = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
-        self.lengths = np.concatenate([np.diff(offsets) for offsets in self._offsets] or [np.zeros(0, np.int64)])
+        # The one per-document array held in RAM (the loader's shuffle is the other): 4 bytes per document.
+        lengths = np.concatenate([np.diff(offsets) for offsets in self._offsets] or [np.zeros(0, np.int64)])
+        if len(lengths) and lengths.max() > np.iinfo(np.uint32).max:
+            raise ValueError(f"a document of {lengths.max()} tokens is longer than the 2^32 - 1 this reader supports")
+        self.lengths = lengths.astype(np.uint32)
 
     @property
     def num_documents(self) -> int:
@@ -69,7 +73,7 @@ class DocumentSet:
 
     @property
     def num_tokens(self) -> int:
-        return int(self.lengths.sum())
+        return int(self.lengths.sum(dtype=np.int64))
 
     def document(self, index: int) -> np.ndarray:
         shard = int(np.searchsorted(self._first_document, index, side="right")) - 1

@@ -7,11 +7,12 @@
       tokenizer/                   the run's tokenizer (when the data source has one)
     latest                         text file naming the newest step directory
 
-A save writes everything into `.tmp-step_XXXXXXXX`; after a barrier rank 0 renames it to `step_XXXXXXXX` (atomic on
-one filesystem) and replaces `latest` by write-then-rename. A crash mid-save leaves only a `.tmp-` directory, which
-resume ignores and the next save removes, so the previous checkpoint stays the newest complete one. Resume picks the
-highest-numbered complete step directory (the `latest` file is for people and tools; it can lag one rename behind).
-All ranks must see the same `out_dir` (a shared filesystem across nodes).
+A save writes everything into `.tmp-step_XXXXXXXX`; after a barrier one rank per node fsyncs the files, then rank 0
+fsyncs the directories, renames it to `step_XXXXXXXX` (atomic on one filesystem), fsyncs the parent and replaces
+`latest` by write-then-rename, so a published checkpoint survives a power loss too. A crash mid-save leaves only a
+`.tmp-step_` directory, which resume ignores and the next save removes, so the previous checkpoint stays the newest
+complete one. Resume picks the highest-numbered complete step directory (the `latest` file is for people and
+tools; it can lag one rename behind). All ranks must see the same `out_dir` (a shared filesystem across nodes).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import torch.distributed as dist
 CHECKPOINTS = "checkpoints"
 ENGINE_TAG = "engine"
 LATEST = "latest"
+TMP_PREFIX = ".tmp-"  # a checkpoint being written (.tmp-step_N) or being replaced (.tmp-replaced-step_N)
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
@@ -106,11 +108,10 @@ def save_checkpoint(
     rank = dist.get_rank()
     root = checkpoints_root(out_dir)
     final = root / step_dir_name(step)
-    tmp = root / f".tmp-{final.name}"
+    tmp = root / f"{TMP_PREFIX}{final.name}"
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob(".tmp-*"):  # left by a crash mid-save; never a complete checkpoint
-            shutil.rmtree(stale)
+        sweep_leftovers(root)
         tmp.mkdir()
     dist.barrier()
 
@@ -121,6 +122,11 @@ def save_checkpoint(
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp / "tokenizer"))
     dist.barrier()
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        # One process per node: an fsync flushes the node's cached writes to a file, whichever process made them.
+        for path in sorted(path for path in tmp.rglob("*") if path.is_file()):
+            _fsync_path(path)
+    dist.barrier()
 
     if rank == 0:
         publish(tmp, final)
@@ -129,18 +135,46 @@ def save_checkpoint(
     return final
 
 
+def sweep_leftovers(root: Path) -> None:
+    """Remove what crashed saves left in `root`: `.tmp-step_N` (never complete), and `.tmp-replaced-step_N` (a
+    published checkpoint caught between publish()'s two renames) once step_N is published again; until then it is
+    kept: rename it back to step_N to use it."""
+    for stale in root.glob(f"{TMP_PREFIX}step_*"):
+        shutil.rmtree(stale)
+    for replaced in root.glob(f"{TMP_PREFIX}replaced-step_*"):
+        if (root / replaced.name.removeprefix(f"{TMP_PREFIX}replaced-")).is_dir():
+            shutil.rmtree(replaced)
+
+
 def publish(tmp: Path, final: Path) -> None:
-    """Make a fully written checkpoint visible: one rename, then point `latest` at it."""
+    """Make a fully written (and fsynced) checkpoint visible: one rename, then point `latest` at it."""
+    for directory in sorted((path for path in tmp.rglob("*") if path.is_dir()), reverse=True):
+        _fsync_path(directory)  # the entries of every directory, deepest first, then tmp itself
+    _fsync_path(tmp)
     replaced = None
     if final.exists():  # same step saved by an earlier attempt (resumed from an older checkpoint): replace it
-        replaced = final.parent / f".tmp-replaced-{final.name}"
+        replaced = final.parent / f"{TMP_PREFIX}replaced-{final.name}"
         os.replace(final, replaced)
     os.replace(tmp, final)
+    _fsync_path(final.parent)
     if replaced is not None:
         shutil.rmtree(replaced)
     pointer = final.parent / f".{LATEST}.tmp"
-    pointer.write_text(final.name + "\n")
+    with pointer.open("w") as f:
+        f.write(final.name + "\n")
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(pointer, final.parent / LATEST)
+    _fsync_path(final.parent)
+
+
+def _fsync_path(path: Path) -> None:
+    """fsync a file's data, or a directory's entries (so a rename inside it survives a power loss)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _prune(root: Path, keep_last: int) -> None:

@@ -148,16 +148,19 @@ class TrainerConfig:
 
 @dataclass
 class WandbConfig:
-    """Weights & Biases logging from rank 0. offline and disabled never touch the network."""
+    """Weights & Biases logging from rank 0. offline and disabled never touch the network; online needs credentials
+    (checked before any work) and falls back to offline, with a warning, when the server cannot be reached."""
 
     mode: str = "disabled"  # online | offline | disabled
     project: str = "hybridlm"
     name: str = ""  # "" -> the name of trainer.out_dir
     entity: str = ""
     tags: list[str] = field(default_factory=list)
+    init_timeout_s: float = 30.0  # online: how long wandb.init may wait for the server before going offline
 
     def __post_init__(self) -> None:
         _require(self.mode in WANDB_MODES, f"wandb.mode={self.mode!r}; choose one of {WANDB_MODES}")
+        _require(self.init_timeout_s > 0, f"wandb.init_timeout_s={self.init_timeout_s} must be > 0")
 
 
 @dataclass

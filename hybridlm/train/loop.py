@@ -8,9 +8,13 @@ counts) and talks to wandb.
 from __future__ import annotations
 
 import json
+import netrc
+import os
 import random
+import sys
 import time
 from pathlib import Path
+from urllib.parse import urlparse
 
 import numpy as np
 import torch
@@ -33,10 +37,64 @@ from hybridlm.train.metrics import MetricsWindow, peak_flops_per_device
 from hybridlm.train.preemption import PreemptionHandler
 
 
+def wandb_credentials_found() -> bool:
+    """Whether wandb will find an API key without prompting: WANDB_API_KEY / WANDB_IDENTITY_TOKEN_FILE, or a netrc
+    entry (what `wandb login` writes) for the server's host."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def _init_wandb(cfg: TrainConfig):
+    """The wandb run of rank 0. online: bounded by wandb.init_timeout_s (plus wandb's own ~10 s credential check),
+    then offline with a warning, so a missing network never stalls or kills training."""
+    import wandb
+
+    options = dict(
+        project=cfg.wandb.project,
+        name=cfg.wandb.name or Path(cfg.trainer.out_dir).resolve().name,
+        entity=cfg.wandb.entity or None,
+        tags=list(cfg.wandb.tags),
+        dir=cfg.trainer.out_dir,
+        config=OmegaConf.to_container(OmegaConf.structured(cfg)),
+    )
+    if cfg.wandb.mode == "online":
+        try:
+            return wandb.init(mode="online", settings=wandb.Settings(init_timeout=cfg.wandb.init_timeout_s), **options)
+        except Exception as err:  # wandb raises CommError, UsageError, TimeoutError, ... depending on what failed
+            print(
+                f"WARNING: wandb could not start online ({type(err).__name__}: {str(err).splitlines()[0]}); "
+                f"logging offline to {Path(cfg.trainer.out_dir) / 'wandb'} instead. Upload later with `wandb sync`.",
+                file=sys.stderr,
+                flush=True,
+            )
+    return wandb.init(mode="offline", **options)
+
+
+def start_wandb(cfg: TrainConfig, info: DistInfo):
+    """Collective: rank 0 starts its wandb run (None when disabled) and every rank learns the outcome, so that a
+    failure stops all ranks at once instead of leaving the others waiting in their first collective."""
+    run, failure = None, None
+    if info.is_main and cfg.wandb.mode != "disabled":
+        try:
+            run = _init_wandb(cfg)
+        except Exception as err:
+            failure = f"{type(err).__name__}: {err}"
+    outcome = [failure]
+    dist.broadcast_object_list(outcome, src=0)
+    if outcome[0] is not None:
+        raise RuntimeError(f"wandb could not start on rank 0 ({outcome[0]}); set wandb.mode=disabled to train without")
+    return run
+
+
 class Reporter:
     """Rank-0 output: console (above the progress bar), metrics.jsonl and wandb."""
 
-    def __init__(self, cfg: TrainConfig, info: DistInfo, start_step: int):
+    def __init__(self, cfg: TrainConfig, info: DistInfo, start_step: int, wandb_run=None):
         self.active = info.is_main
         self.bar = tqdm(
             total=cfg.trainer.max_steps,
@@ -46,19 +104,7 @@ class Reporter:
             disable=not (self.active and cfg.trainer.progress_bar),
         )
         self.metrics_file = Path(cfg.trainer.out_dir) / "metrics.jsonl"
-        self.wandb = None
-        if self.active and cfg.wandb.mode != "disabled":
-            import wandb
-
-            self.wandb = wandb.init(
-                mode=cfg.wandb.mode,
-                project=cfg.wandb.project,
-                name=cfg.wandb.name or Path(cfg.trainer.out_dir).resolve().name,
-                entity=cfg.wandb.entity or None,
-                tags=list(cfg.wandb.tags),
-                dir=cfg.trainer.out_dir,
-                config=OmegaConf.to_container(OmegaConf.structured(cfg)),
-            )
+        self.wandb = wandb_run
 
     def say(self, text: str) -> None:
         if self.active:
@@ -122,8 +168,28 @@ def _validate(engine, bundle, max_batches: int, device: torch.device) -> float:
     return float(sums[0] / sums[1])
 
 
+def _stop_if_signalled_during_start_up(preemption: PreemptionHandler, stage: str) -> None:
+    """Collective. A preemption signal before the first step: nothing has changed since the last checkpoint (or
+    since nothing, in a fresh run), so there is nothing to save; requeue (or exit) at once."""
+    if preemption.agree():
+        caught = preemption.received.name if preemption.received else "another rank's signal"
+        print(f"[preemption] {caught} during start-up ({stage}): nothing trained since the last checkpoint, so "
+              "nothing to save", flush=True)  # fmt: skip
+        preemption.requeue()
+
+
 def run(cfg: TrainConfig) -> dict:
     """Train until trainer.max_steps (or an early stop). Returns the final step, checkpoint and validation loss."""
+    # First of all: until it is installed, the scheduler's warning signal would kill the job (FAILED, not requeued).
+    # A signal during start-up is acted on at the start-up checks, before any training.
+    preemption = PreemptionHandler(cfg.trainer.preempt_signals).install()
+    try:
+        return _train(cfg, preemption)
+    finally:
+        preemption.uninstall()
+
+
+def _train(cfg: TrainConfig, preemption: PreemptionHandler) -> dict:
     trainer = cfg.trainer
     resume_from = resolve_resume(trainer.resume, trainer.out_dir)  # fail on a bad resume before any heavy work
     if trainer.export_format:  # an architecture the target format cannot express fails now, not at the end
@@ -131,12 +197,20 @@ def run(cfg: TrainConfig) -> dict:
 
         if trainer.export_format in FORMATS:
             FORMATS[trainer.export_format].check_fits(cfg.model)
+    if cfg.wandb.mode == "online" and not wandb_credentials_found():
+        raise ValueError(
+            "wandb.mode=online but no wandb credentials are set (WANDB_API_KEY, or a netrc entry from `wandb login`) "
+            "and wandb would stop to prompt for one; log in first, or use wandb.mode=offline (upload later with "
+            "`wandb sync`) or wandb.mode=disabled"
+        )
     info = init_distributed()
     if info.device.type == "cpu" and trainer.cpu_threads:
         torch.set_num_threads(trainer.cpu_threads)
     Path(trainer.out_dir).mkdir(parents=True, exist_ok=True)
+    wandb_run = start_wandb(cfg, info)
     _seed_everything(trainer.seed)
     bundle = _build_data_in_turn(cfg, info)
+    _stop_if_signalled_during_start_up(preemption, "data")
     _seed_everything(trainer.seed)  # same initial weights on every rank, whatever the data build consumed
     model = HybridLM(cfg.model)
     if cfg.model.init_from and resume_from is None:  # a resumed run's weights come from its checkpoint
@@ -153,8 +227,9 @@ def run(cfg: TrainConfig) -> dict:
         bundle.train.load_state_dict(state["loader"])
         set_rng_state(state["rng"])
         step, tokens_seen = state["step"], state["tokens_seen"]
+    _stop_if_signalled_during_start_up(preemption, "model, engine and checkpoint")
 
-    report = Reporter(cfg, info, step)
+    report = Reporter(cfg, info, step, wandb_run)
     counts = cfg.model.parameter_counts()
     flops_per_token = cfg.model.flops_per_token(trainer.seq_len)
     peak_flops = peak_flops_per_device(info.device)
@@ -179,7 +254,6 @@ def run(cfg: TrainConfig) -> dict:
     config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))
     moe_layer_ids = [i for i, kind in enumerate(cfg.model.mlp_types) if kind == "moe"]
     window = MetricsWindow(info.device, moe_layer_ids)
-    preemption = PreemptionHandler(trainer.preempt_signals, info.device).install()
     # ZeRO 0 in fp32 clips inside DeepSpeed without keeping the norm; measure it before the step instead.
     measure_grad_norm = ds.zero_stage == 0 and not engine.bfloat16_enabled()
     checkpoint, val_loss, evaluated_step = resume_from, None, None

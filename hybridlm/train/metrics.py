@@ -55,14 +55,20 @@ class MetricsWindow:
         self.expert_counts: list[torch.Tensor] | None = None
         self.grad_norms: list[torch.Tensor] = []
         self.seconds = 0.0
-        self._started = time.perf_counter()
+        self._started = self._clock()
+
+    def _clock(self) -> float:
+        # CUDA work is queued asynchronously: wait for it, or the window would end before its steps have run.
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
 
     def pause(self) -> None:
         """Stop the clock (validation, checkpoints) so tokens/s measures training only."""
-        self.seconds += time.perf_counter() - self._started
+        self.seconds += self._clock() - self._started
 
     def resume(self) -> None:
-        self._started = time.perf_counter()
+        self._started = self._clock()
 
     def add_micro_batch(self, out, tokens: int) -> None:
         self.loss_sums += torch.stack([getattr(out, name).detach().double() for name in self.LOSSES])

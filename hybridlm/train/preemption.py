@@ -68,13 +68,14 @@ class PreemptionHandler:
 
     def __init__(self, signals: Sequence[str], device: torch.device | str | None = None):
         """`device`: where agree()'s all-reduce tensor lives; None: the current CUDA device under NCCL, else CPU.
-        Nothing here needs the process group, so install() can run before it exists (a signal during start-up
-        then stops the run after its first step)."""
+        Nothing here needs the process group, so install() can run before it exists: the trainer installs it first
+        thing, and a signal during its start-up stops it at the next agree(), before the first step."""
         names = [signals] if isinstance(signals, str) else list(signals)
         self.signals = list(dict.fromkeys(parse_signal(name) for name in names if name))
         self.device = device
         self.requested = False  # this rank caught a signal
         self.received: signal.Signals | None = None  # the first one caught
+        self.signals_caught = 0  # all of them: a second warning during the save is counted, and changes nothing else
         self._previous: dict[signal.Signals, object] = {}
         self._submitit: tuple[signal.Signals, object] | None = None
 
@@ -106,6 +107,7 @@ class PreemptionHandler:
         if not self.requested:
             self.received = signal.Signals(signum)
         self.requested = True
+        self.signals_caught += 1
 
     def agree(self) -> bool:
         """Collective: True on every rank as soon as any rank has caught a signal, so all stop after the same step."""
@@ -128,6 +130,7 @@ class PreemptionHandler:
         """Put the job back in the queue (rank 0) and exit this process. Call only after the checkpoint is saved
         on every rank: requeueing kills all of the job's tasks."""
         rank = _rank()
+        print(f"[preemption] rank {rank}: {self.signals_caught} signal(s) caught", flush=True)
         if self._submitit is not None:
             print(f"[preemption] rank {rank}: handing over to submitit's checkpoint/requeue", flush=True)
             # On rank 0 this requeues and exits (or raises submitit's UncompletedJobError when the job has used

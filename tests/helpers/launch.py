@@ -34,34 +34,46 @@ def tiny_run(cache_dir: Path) -> list[str]:
     ]  # fmt: skip
 
 
-def train(
-    out_dir: Path,
-    overrides: list[str],
-    *,
-    nproc: int = 1,
-    prefix: list[str] | None = None,
-    check: bool = True,
-    timeout: float = 900,
-) -> subprocess.CompletedProcess:
+def train_command(
+    out_dir: Path, overrides: list[str], *, nproc: int = 1, prefix: list[str] | None = None
+) -> list[str]:
     """`python [prefix] train.py trainer.out_dir=OUT ...`, or under torchrun with `nproc` gloo ranks.
 
     `prefix` replaces `train.py` by a wrapper script that takes the train.py arguments (see crash_during_save.py).
-    With check=True a non-zero exit raises with the run's output.
     """
     script = [str(s) for s in prefix] if prefix else [str(TRAIN_PY)]
     if nproc > 1:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *script]
     else:
         command = [sys.executable, *script]
-    command += [f"trainer.out_dir={out_dir}", *overrides]
-    env = {
+    return command + [f"trainer.out_dir={out_dir}", *overrides]
+
+
+def train_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    return {
         **os.environ,
         "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", "1"),
         "OMP_NUM_THREADS": "1",  # tiny ops: thread hand-offs cost more than they save, more so on a busy CPU
         "TOKENIZERS_PARALLELISM": "false",
+        **(extra or {}),
     }
+
+
+def train(
+    out_dir: Path,
+    overrides: list[str],
+    *,
+    nproc: int = 1,
+    prefix: list[str] | None = None,
+    env: dict[str, str] | None = None,
+    check: bool = True,
+    timeout: float = 900,
+) -> subprocess.CompletedProcess:
+    """Run train_command(...) to its end with `env` added to the environment. With check=True a non-zero exit
+    raises with the run's output."""
+    command = train_command(out_dir, overrides, nproc=nproc, prefix=prefix)
     result = subprocess.run(
-        command, cwd=out_dir.parent, env=env, capture_output=True, text=True, timeout=timeout
+        command, cwd=out_dir.parent, env=train_env(env), capture_output=True, text=True, timeout=timeout
     )
     if check and result.returncode != 0:
         raise AssertionError(
