@@ -62,7 +62,58 @@ def test_auto_classes_load_the_export_whichever_is_imported_first(exported, tmp_
     prelude = "import hybridlm\n"
     if first == "transformers":
         prelude = "import transformers.models.auto.modeling_auto\nimport hybridlm\n"
-    run_python(f"import torch\n{prelude}path, result = {str(directory)!r}, {str(result)!r}\n{LOAD_AND_SCORE}")
+    run_python(f"import torch\n{prelude}path, result = {str(directory)!r}, {str(result)!r}\nload_options = {{}}\n"
+               f"{LOAD_AND_SCORE}", tmp_path)
     out = torch.load(result)
     assert (out["config"], out["model"]) == ("HybridLMConfig", "HybridLMForCausalLM")
     assert torch.equal(out["logits"], expected)
+
+
+def test_trust_remote_code_loads_the_export_without_importing_hybridlm(exported, tmp_path):
+    """What `lm_eval --model hf --model_args pretrained=OUT,trust_remote_code=True` does: the auto_map shims import
+    our classes from the installed package (they hold no model code of their own)."""
+    directory, expected = exported
+    auto_map = json.loads((directory / "config.json").read_text())["auto_map"]
+    assert auto_map == {"AutoConfig": "configuration_hybridlm.HybridLMConfig",
+                        "AutoModelForCausalLM": "modeling_hybridlm.HybridLMForCausalLM"}
+    assert "class " not in (directory / "modeling_hybridlm.py").read_text()  # a shim, not a copy
+    result = tmp_path / "result.pt"
+    run_python(
+        f"import sys, torch\npath, result = {str(directory)!r}, {str(result)!r}\n"
+        "assert not any(m.startswith('hybridlm') for m in sys.modules)\n"
+        "from transformers import AutoConfig\n"
+        "try:\n    AutoConfig.from_pretrained(path)\nexcept ValueError as error:\n    refusal = str(error)\n"
+        f"load_options = {{'trust_remote_code': True}}\n{LOAD_AND_SCORE}"
+        "torch.save({**torch.load(result), 'refusal': refusal}, result)\n"
+        f"model.save_pretrained({str(tmp_path / 'saved')!r})\n",
+        tmp_path,
+    )
+    out = torch.load(result)
+    assert (out["config"], out["model"]) == ("HybridLMConfig", "HybridLMForCausalLM")
+    assert torch.equal(out["logits"], expected)
+    # Without the opt-in (and without `import hybridlm`) transformers refuses, saying how to opt in.
+    assert "trust_remote_code=True" in out["refusal"]
+    # A save of the loaded model carries the same shims, not a copy of our configuration module.
+    saved = tmp_path / "saved"
+    assert json.loads((saved / "config.json").read_text())["auto_map"] == auto_map
+    assert sorted(p.name for p in saved.glob("*.py")) == ["configuration_hybridlm.py", "modeling_hybridlm.py"]
+
+
+def test_transformers_generate_decodes_through_our_cache(exported):
+    """transformers' generate hands the cache back under this version's name (`cache`; `past_key_values` before
+    5.24): the prompt runs once, then one token per step."""
+    from transformers import AutoModelForCausalLM
+
+    directory, _ = exported
+    wrapper = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    lengths, forward = [], wrapper.model.forward
+
+    def counting_forward(input_ids, **kwargs):
+        lengths.append(input_ids.shape[1])
+        return forward(input_ids, **kwargs)
+
+    wrapper.model.forward = counting_forward
+    prompt = torch.arange(7)[None]
+    out = wrapper.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=4, do_sample=False,
+                           pad_token_id=0)
+    assert out.shape == (1, 11) and lengths == [7, 1, 1, 1]

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from transformers.generation import GenerationMixin
 from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -13,8 +15,13 @@ from hybridlm.hf.configuration import HybridLMConfig
 from hybridlm.layers.rope import RotaryEmbedding
 from hybridlm.model import IGNORE_INDEX, HybridLM, ModelCache
 
+# transformers 5.24 renamed the cache argument and output field from `past_key_values` (now deprecated, with a
+# warning) to `cache`; earlier 5.x releases know only `past_key_values`. The wrapper speaks this transformers' name.
+CACHE_NAME = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
+
+
 class HybridLMCache:
-    """Our ModelCache, in the shape transformers' generate passes around as `past_key_values`."""
+    """Our ModelCache, in the shape transformers' generate passes around as `cache` (`past_key_values`)."""
 
     def __init__(self, cache: ModelCache):
         self.cache = cache
@@ -57,22 +64,25 @@ class HybridLMForCausalLM(PreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: HybridLMCache | None = None,
+        cache: HybridLMCache | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
+        past_key_values: HybridLMCache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
-        """HF conventions: `labels` are the input ids (shifted here), `attention_mask` may span past + new tokens."""
+        """HF conventions: `labels` are the input ids (shifted here), `attention_mask` may span past + new tokens;
+        the cache comes as `cache` or, from older callers, `past_key_values`."""
+        cache = cache if cache is not None else past_key_values
         T = input_ids.shape[1]
         if attention_mask is not None:
             if position_ids is None:
                 position_ids = positions_from_mask(attention_mask)[:, -T:]
             attention_mask = attention_mask[:, -T:]
-        if use_cache and past_key_values is None:
-            past_key_values = HybridLMCache(self.model.new_cache())
-        cache = past_key_values.cache if past_key_values is not None else None
-        out = self.model(input_ids, position_ids=position_ids, cache=cache, attention_mask=attention_mask)
+        if use_cache and cache is None:
+            cache = HybridLMCache(self.model.new_cache())
+        model_cache = cache.cache if cache is not None else None
+        out = self.model(input_ids, position_ids=position_ids, cache=model_cache, attention_mask=attention_mask)
         logits = out.logits[:, -logits_to_keep:] if logits_to_keep else out.logits
         loss = None
         if labels is not None:
@@ -80,17 +90,18 @@ class HybridLMForCausalLM(PreTrainedModel, GenerationMixin):
             loss = torch.nn.functional.cross_entropy(
                 out.logits.reshape(-1, out.logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX
             )
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_NAME: cache})
 
     def prepare_inputs_for_generation(
-        self, input_ids, past_key_values=None, attention_mask=None, use_cache=True, **kwargs
+        self, input_ids, cache=None, attention_mask=None, use_cache=True, past_key_values=None, **kwargs
     ) -> dict:
-        seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+        cache = cache if cache is not None else past_key_values
+        seen = cache.get_seq_length() if cache is not None else 0
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         return {
             "input_ids": input_ids[:, seen:],
             "attention_mask": attention_mask,
-            "past_key_values": past_key_values,
+            CACHE_NAME: cache,
             "use_cache": use_cache,
         }
