@@ -5,11 +5,11 @@
 first use so that importing this package never needs triton to be set up.
 """
 
-from .reference import RouterOutput, route_ref, sparse_moe_ref
+from .reference import RouterLossStats, RouterOutput, route_ref, sparse_moe_ref
 
 _TRITON_EXPORTS = ("sparse_moe", "route")
 
-__all__ = ["RouterOutput", "route", "route_ref", "sparse_moe", "sparse_moe_ref"]
+__all__ = ["RouterLossStats", "RouterOutput", "route", "route_ref", "sparse_moe", "sparse_moe_ref"]
 
 
 def __getattr__(name: str):

@@ -1,7 +1,11 @@
-"""Inverse permutation with the weighted top-k combine, and its weight gradient.
+"""Inverse permutation with the weighted top-k combine, and the routing-weight gradient.
 
 Each token reads its k expert-sorted rows and sums them in slot order in fp32: a gather, not a scatter,
 so no atomics and bitwise-reproducible results.
+
+The routing-weight gradient dL/dw[t, s] = <dy[t], out_e(x[t])> is taken as <down_e^T dy[t], act> = <d(up), up>
+(d(act)_i act_i = d(act)_i silu(gate_i) up_i = d(up)_i up_i), from the unweighted SwiGLU backward and the saved
+pre-activation: [T*k, I] reads instead of keeping the expert outputs [T*k, H] for it.
 """
 
 from __future__ import annotations
@@ -39,23 +43,22 @@ def _combine_kernel(
 
 
 @triton.jit
-def _combine_weight_grad_kernel(
-    rows_ptr, pair_to_sorted_ptr, dout_ptr, dweights_ptr, num_tokens, hidden,
-    TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+def _routing_weight_grad_kernel(
+    d_pre_ptr, pre_ptr, pair_to_sorted_ptr, dweights_ptr, num_pairs, intermediate,
+    BLOCK_P: tl.constexpr, BLOCK_I: tl.constexpr,
 ):  # fmt: skip
-    tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    token_mask = tokens < num_tokens
-    pairs = tokens.to(tl.int64) * TOP_K
-    cols = tl.arange(0, BLOCK_H)
-    for slot in range(TOP_K):
-        rows = tl.load(pair_to_sorted_ptr + pairs + slot, mask=token_mask, other=0).to(tl.int64)
-        acc = tl.zeros((BLOCK_T,), tl.float32)
-        for h0 in range(0, hidden, BLOCK_H):
-            mask = token_mask[:, None] & (cols < hidden - h0)[None, :]
-            dout = tl.load(dout_ptr + tokens[:, None].to(tl.int64) * hidden + h0 + cols[None, :], mask=mask, other=0.0)
-            values = tl.load(rows_ptr + rows[:, None] * hidden + h0 + cols[None, :], mask=mask, other=0.0)
-            acc += tl.sum(dout.to(tl.float32) * values.to(tl.float32), axis=1)
-        tl.store(dweights_ptr + pairs + slot, acc, mask=token_mask)
+    pairs = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    pair_mask = pairs < num_pairs
+    rows = tl.load(pair_to_sorted_ptr + pairs, mask=pair_mask, other=0).to(tl.int64)
+    up_offsets = rows[:, None] * (2 * intermediate) + intermediate  # the up half of [gate | up]
+    cols = tl.arange(0, BLOCK_I)
+    acc = tl.zeros((BLOCK_P,), tl.float32)
+    for i0 in range(0, intermediate, BLOCK_I):
+        mask = pair_mask[:, None] & (cols < intermediate - i0)[None, :]
+        d_up = tl.load(d_pre_ptr + up_offsets + i0 + cols[None, :], mask=mask, other=0.0)
+        up = tl.load(pre_ptr + up_offsets + i0 + cols[None, :], mask=mask, other=0.0)
+        acc += tl.sum(d_up.to(tl.float32) * up.to(tl.float32), axis=1)
+    tl.store(dweights_ptr + pairs, acc, mask=pair_mask)
 
 
 def combine(
@@ -74,15 +77,16 @@ def combine(
     return out
 
 
-def combine_weight_grad(
-    rows: torch.Tensor, pair_to_sorted: torch.Tensor, top_k: int, dout: torch.Tensor
+def swiglu_routing_weight_grad(
+    d_pre_unweighted: torch.Tensor, pre_activation: torch.Tensor, pair_to_sorted: torch.Tensor, top_k: int
 ) -> torch.Tensor:
-    """dweights[t, s] = <dout[t], rows[pair_to_sorted[t*k + s]]> in fp32; [T, k]."""
-    num_tokens, hidden = dout.shape
-    dweights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=dout.device)
-    if num_tokens:
-        _combine_weight_grad_kernel[(triton.cdiv(num_tokens, BLOCK_TOKENS),)](
-            rows, pair_to_sorted, dout, dweights, num_tokens, hidden,
-            TOP_K=top_k, BLOCK_T=BLOCK_TOKENS, BLOCK_H=_block_hidden(hidden),
+    """dweights [T, k] fp32 in (token, slot) order: <d(up), up> of each pair's sorted row, from the SwiGLU backward
+    of the unweighted expert output `d_pre_unweighted` [T*k, 2I] and the `pre_activation` [T*k, 2I]."""
+    num_pairs, intermediate = pair_to_sorted.numel(), pre_activation.shape[1] // 2
+    dweights = torch.empty(num_pairs, dtype=torch.float32, device=pre_activation.device)
+    if num_pairs:
+        _routing_weight_grad_kernel[(triton.cdiv(num_pairs, BLOCK_TOKENS),)](
+            d_pre_unweighted, pre_activation, pair_to_sorted, dweights, num_pairs, intermediate,
+            BLOCK_P=BLOCK_TOKENS, BLOCK_I=_block_hidden(intermediate),
         )  # fmt: skip
-    return dweights
+    return dweights.view(-1, top_k)

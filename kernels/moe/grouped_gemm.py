@@ -11,7 +11,11 @@ is written as zeros.
   plain; SwiGLU forward (gate and up columns in one program: writes the pre-activation and silu(gate) * up);
   SwiGLU backward (turns d(act) into d(gate), d(up) using the saved pre-activation).
 - `expert_weight_grad`: dW_e = L[rows_e]^T @ R[rows_e], one program per (expert, output tile), looping over
-  the expert's rows: deterministic, no atomics.
+  the expert's rows: deterministic, no atomics. R may be recomputed on load as silu(gate) * up from the saved
+  pre-activation, so the forward's activation need not be kept either.
+
+The SwiGLU activation is always computed from the pre-activation as stored (rounded to the input dtype), so the
+forward's act and every recomputation of it agree bitwise.
 """
 
 from __future__ import annotations
@@ -26,6 +30,11 @@ EPILOGUE_PLAIN, EPILOGUE_SWIGLU, EPILOGUE_SWIGLU_BACKWARD = 0, 1, 2
 
 
 @triton.jit
+def _swiglu(gate, up):
+    return gate * tl.sigmoid(gate) * up
+
+
+@triton.jit
 def _expert_rows(counts_ptr, expert, num_experts, E_PAD: tl.constexpr):
     """(first row, row count) of `expert` from the per-expert counts."""
     experts = tl.arange(0, E_PAD)
@@ -36,15 +45,18 @@ def _expert_rows(counts_ptr, expert, num_experts, E_PAD: tl.constexpr):
 
 
 def _rows_gemm_configs():
+    # sm_90 AOT compiles: 128x256 tiles spill 0.6-2 KB per thread; the 4-warp 64x128 / 128x64 tiles spill a few
+    # registers in the SwiGLU-backward epilogue (three fp32 tiles live), which their 8-warp versions do not.
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
         for bm, bn, bk, w, s in [
             (128, 128, 64, 8, 3),
             (128, 128, 64, 8, 4),
             (128, 64, 64, 4, 4),
+            (128, 64, 64, 8, 4),
             (64, 128, 64, 4, 4),
+            (64, 128, 64, 8, 4),
             (64, 64, 64, 4, 4),
-            (128, 256, 64, 8, 3),
             (64, 128, 32, 4, 5),
         ]
     ]
@@ -109,9 +121,11 @@ def _expert_rows_gemm_kernel(
     out_dtype = c_ptr.dtype.element_ty
     if SWIGLU_FORWARD:
         pre_ptrs = c_ptr + rows[:, None] * (2 * N) + cols[None, :]
-        tl.store(pre_ptrs, acc.to(out_dtype), mask=mask)
-        tl.store(pre_ptrs + N, acc_up.to(out_dtype), mask=mask)
-        act = acc * tl.sigmoid(acc) * acc_up
+        gate = acc.to(out_dtype)
+        up = acc_up.to(out_dtype)
+        tl.store(pre_ptrs, gate, mask=mask)
+        tl.store(pre_ptrs + N, up, mask=mask)
+        act = _swiglu(gate.to(tl.float32), up.to(tl.float32))
         tl.store(act_ptr + rows[:, None] * N + cols[None, :], act.to(out_dtype), mask=mask)
     elif SWIGLU_BACKWARD:  # acc holds d(act)
         pre_ptrs = pre_ptr + rows[:, None] * (2 * N) + cols[None, :]
@@ -144,14 +158,14 @@ def _weight_grad_configs():
 @autotune(
     _weight_grad_configs(),
     triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}),
-    key=["N", "K", "L_GATHER", "L_SCALE", "R_GATHER", "TOP_K"],
+    key=["N", "K", "L_GATHER", "L_SCALE", "R_GATHER", "R_SWIGLU", "TOP_K"],
 )
 @triton.jit
 def _expert_weight_grad_kernel(
     l_ptr, r_ptr, out_ptr, sorted_to_pair_ptr, pair_weights_ptr, counts_ptr,
     num_experts, N, K, stride_lm, stride_rm,
     TOP_K: tl.constexpr, L_GATHER: tl.constexpr, L_SCALE: tl.constexpr, R_GATHER: tl.constexpr,
-    E_PAD: tl.constexpr, PRECISION: tl.constexpr,
+    R_SWIGLU: tl.constexpr, E_PAD: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
@@ -184,7 +198,11 @@ def _expert_weight_grad_kernel(
             scale = tl.load(pair_weights_ptr + pairs, mask=row_mask, other=0.0)
             left = (left.to(tl.float32) * scale[:, None]).to(left.dtype)
         right_ptrs = r_ptr + r_rows[:, None] * stride_rm + cols_k[None, :]
-        right = tl.load(right_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        right_mask = row_mask[:, None] & k_mask[None, :]
+        right = tl.load(right_ptrs, mask=right_mask, other=0.0)
+        if R_SWIGLU:  # R holds [gate | up] rows of width 2K: the activation is recomputed here
+            up = tl.load(right_ptrs + K, mask=right_mask, other=0.0)
+            right = _swiglu(right.to(tl.float32), up.to(tl.float32)).to(r_ptr.dtype.element_ty)
         acc = tl.dot(tl.trans(left), right, acc, input_precision=PRECISION)
     out_ptrs = out_ptr + expert.to(tl.int64) * N * K + cols_n[:, None] * K + cols_k[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=n_mask[:, None] & k_mask[None, :])
@@ -205,8 +223,9 @@ def expert_rows_gemm(
     """Per expert-sorted row r of expert e: A[src(r)] (* w_pair) @ B_e.
 
     B_e = weight[e].T if `transpose_weight` else weight[e]; `weight` is [E, N(, or 2N for SwiGLU), K] or
-    [E, K, N]. Returns (C,) for the plain and SwiGLU-backward epilogues (C = d(pre-activation) [M, 2N] for the
-    latter, needing `pre_activation`), and (pre-activation [M, 2N], act [M, N]) for the SwiGLU forward.
+    [E, K, N]. Returns (C,) for the plain epilogue, (pre-activation [M, 2N], act [M, N]) for the SwiGLU forward,
+    and (C,) for the SwiGLU backward, C = d(pre-activation) [M, 2N] from d(act) = A[src(r)] (* w_pair) @ B_e
+    (A = dy, B = down) and `pre_activation`.
     """
     num_rows = sorted_to_pair.numel()
     num_experts = weight.shape[0]
@@ -248,10 +267,14 @@ def expert_weight_grad(
     gather_left: bool = False,
     left_pair_weights: torch.Tensor | None = None,
     gather_right: bool = False,
+    right_swiglu: bool = False,
 ) -> torch.Tensor:
-    """dW [E, N, K] with dW_e = sum over expert e's sorted rows r of L[src(r)] (* w_pair) outer R[src(r)]."""
+    """dW [E, N, K] with dW_e = sum over expert e's sorted rows r of L[src(r)] (* w_pair) outer R[src(r)].
+
+    With `right_swiglu`, `right` is a pre-activation [M, 2K] and R = silu(gate) * up is computed on load.
+    """
     num_experts = expert_counts.numel()
-    n, k = left.shape[1], right.shape[1]
+    n, k = left.shape[1], right.shape[1] // 2 if right_swiglu else right.shape[1]
     out = left.new_empty(num_experts, n, k)
 
     def grid(meta):
@@ -261,6 +284,6 @@ def expert_weight_grad(
         left, right, out, sorted_to_pair, left_pair_weights if left_pair_weights is not None else out,
         expert_counts, num_experts, n, k, left.stride(0), right.stride(0),
         TOP_K=top_k, L_GATHER=gather_left, L_SCALE=left_pair_weights is not None, R_GATHER=gather_right,
-        E_PAD=triton.next_power_of_2(num_experts), PRECISION=dot_precision(left.dtype),
+        R_SWIGLU=right_swiglu, E_PAD=triton.next_power_of_2(num_experts), PRECISION=dot_precision(left.dtype),
     )  # fmt: skip
     return out

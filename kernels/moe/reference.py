@@ -6,6 +6,8 @@ Readable, any dtype, differentiable by autograd. The routed path is the same as 
               scores = softmax(logits) | sigmoid(logits)
               expert_ids = topk(scores + selection_bias)      (the bias changes the choice only)
               weights = scores gathered at expert_ids (renormalised to sum to 1 when asked)
+              loss stats: logsumexp(logits) per token (z-loss); per expert, the sum over tokens of the balancing
+              probability, softmax(logits) or sigmoid(logits) / sum_e sigmoid(logits) (load-balancing loss)
     permute:  stable sort of the T*k (token, slot) pairs by expert -> expert-contiguous rows
     experts:  per expert e: down_e(silu(gate_e x) * up_e x) on its contiguous slice
     combine:  un-permute, y[t] = sum_k weights[t, k] * out[t, k] (fp32 sum, deterministic, no index_add)
@@ -24,12 +26,23 @@ from .checks import check_router_inputs, check_sparse_moe_inputs
 RENORM_EPS = 1e-20
 
 
+class RouterLossStats(NamedTuple):
+    """What the z-loss and the load-balancing loss need, produced by the router from its one read of the logits.
+
+    Both are differentiable w.r.t. the logits; fp32 (fp64 for fp64 inputs).
+    """
+
+    logsumexp: torch.Tensor  # [T] logsumexp of each token's logits (z-loss = mean of its square)
+    probability_sums: torch.Tensor  # [E] sum over tokens of each expert's balancing probability (see module doc)
+
+
 class RouterOutput(NamedTuple):
     weights: torch.Tensor  # [T, k] routing weights (fp32; fp64 for fp64 inputs), differentiable
     expert_ids: torch.Tensor  # [T, k] int32 chosen experts, best first
-    router_logits: torch.Tensor  # [T, E] fp32 logits, differentiable (z-loss, load-balancing loss)
-    scores: torch.Tensor  # [T, E] softmax/sigmoid of the logits, differentiable (load-balancing loss)
+    router_logits: torch.Tensor  # [T, E] fp32 logits, differentiable
+    scores: torch.Tensor  # [T, E] softmax/sigmoid of the logits, differentiable
     expert_counts: torch.Tensor  # [E] int64 number of (token, slot) pairs routed to each expert
+    loss_stats: RouterLossStats
 
 
 def router_compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -58,7 +71,12 @@ def route_ref(
         weights = weights / (weights.sum(dim=-1, keepdim=True) + RENORM_EPS)
     expert_counts = torch.zeros(router_weight.shape[0], dtype=torch.int64, device=x.device)
     expert_counts.scatter_add_(0, expert_ids.flatten(), torch.ones_like(expert_ids.flatten()))
-    return RouterOutput(weights, expert_ids.to(torch.int32), logits, scores, expert_counts)
+    if score_func == "softmax":
+        balancing_probs = scores
+    else:
+        balancing_probs = scores / (scores.sum(dim=-1, keepdim=True) + RENORM_EPS)
+    loss_stats = RouterLossStats(torch.logsumexp(logits, dim=-1), balancing_probs.sum(dim=0))
+    return RouterOutput(weights, expert_ids.to(torch.int32), logits, scores, expert_counts, loss_stats)
 
 
 def swiglu_experts_ref(
@@ -90,8 +108,10 @@ def sparse_moe_ref(
     score_func: str = "softmax",
     renormalize: bool = True,
     selection_bias: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Routed SwiGLU MoE: returns (y [T,H] in x's dtype, router_logits [T,E] fp32, expert_counts [E] int64)."""
+    return_loss_stats: bool = False,
+) -> tuple[torch.Tensor, ...]:
+    """Routed SwiGLU MoE: returns (y [T,H] in x's dtype, router_logits [T,E] fp32, expert_counts [E] int64), and
+    the router's `RouterLossStats` fourth when `return_loss_stats`."""
     check_sparse_moe_inputs(x, router_weight, gate_up, down, top_k, score_func, selection_bias)
     routing = route_ref(x, router_weight, top_k, score_func, renormalize, selection_bias)
     num_tokens = x.shape[0]
@@ -102,4 +122,5 @@ def sparse_moe_ref(
     # Back to (token, slot) order, then a fixed-order weighted sum over the k slots.
     out = torch.empty_like(out_sorted).index_copy(0, order, out_sorted).view(num_tokens, top_k, x.shape[1])
     y = (out.to(routing.weights.dtype) * routing.weights.unsqueeze(-1)).sum(dim=1)
-    return y.to(x.dtype), routing.router_logits, routing.expert_counts
+    outputs = (y.to(x.dtype), routing.router_logits, routing.expert_counts)
+    return (*outputs, routing.loss_stats) if return_loss_stats else outputs

@@ -6,12 +6,16 @@ Written the obvious way (dense scores, boolean masks, no sorting) so it shares n
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
 
-def moe_loop(x, router_weight, gate_up, down, top_k, score_func="softmax", renormalize=True, selection_bias=None):
-    """Returns (y, logits, expert_counts, expert_ids, weights) computed in float64."""
+def moe_loop(x, router_weight, gate_up, down, top_k, score_func="softmax", renormalize=True, selection_bias=None,
+             return_loss_stats=False):
+    """Returns (y, logits, expert_counts, expert_ids, weights) computed in float64; with `return_loss_stats`, as the
+    implementations do: (y, logits, expert_counts, (logsumexp [T], probability_sums [E]))."""
     x, router_weight, gate_up, down = (t.double() for t in (x, router_weight, gate_up, down))
     num_experts = router_weight.shape[0]
     intermediate = down.shape[2]
@@ -36,7 +40,21 @@ def moe_loop(x, router_weight, gate_up, down, top_k, score_func="softmax", renor
         contribution[token_mask] = dense_weights[token_mask, expert, None] * out
         y = y + contribution
     weights = dense_weights.gather(1, expert_ids)
+    if return_loss_stats:
+        return y, logits, chosen.sum(dim=0), router_loss_stats_loop(logits, score_func)
     return y, logits, chosen.sum(dim=0), expert_ids, weights
+
+
+def router_loss_stats_loop(logits, score_func):
+    """(logsumexp [T], probability_sums [E]) by their definitions, in float64: log(sum(exp(logits))) per token, and
+    per expert the sum over tokens of softmax(logits) or of sigmoid(logits) normalised over experts."""
+    logits = logits.double()
+    logsumexp = logits.exp().sum(dim=-1).log()
+    if score_func == "softmax":
+        probs = logits.exp() / logits.exp().sum(dim=-1, keepdim=True)
+    else:
+        probs = torch.sigmoid(logits) / torch.sigmoid(logits).sum(dim=-1, keepdim=True)
+    return logsumexp, probs.sum(dim=0)
 
 
 def random_moe_inputs(num_tokens, hidden, intermediate, num_experts, dtype=torch.float32, seed=0):
@@ -51,6 +69,27 @@ def random_moe_inputs(num_tokens, hidden, intermediate, num_experts, dtype=torch
     gate_up = randn(num_experts, 2 * intermediate, hidden, scale=hidden**-0.5)
     down = randn(num_experts, hidden, intermediate, scale=intermediate**-0.5)
     return x, router_weight, gate_up, down
+
+
+class PathResult(NamedTuple):
+    y: torch.Tensor
+    logits: torch.Tensor
+    counts: torch.Tensor
+    loss_stats: tuple[torch.Tensor, torch.Tensor]  # (logsumexp [T], probability_sums [E])
+    grads: list[torch.Tensor]  # d x, d router_weight, d gate_up, d down
+
+
+def forward_backward(fn, inputs, seed=123, **kwargs) -> PathResult:
+    """Forward `fn` (an implementation, or `moe_loop`) with its loss stats, then backward fixed random cotangents on
+    y, the logits and both loss stats: the last three stand in for the z and balancing losses of the MoE layer."""
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    y, logits, counts, loss_stats = fn(*leaves, return_loss_stats=True, **kwargs)
+    outputs = [y, logits, *loss_stats]
+    generator = torch.Generator().manual_seed(seed)
+    cotangents = [torch.randn(t.shape, generator=generator, dtype=torch.float64).to(t) for t in outputs]
+    torch.autograd.backward(outputs, cotangents)
+    return PathResult(y.detach(), logits.detach(), counts, tuple(t.detach() for t in loss_stats),
+                      [leaf.grad for leaf in leaves])  # fmt: skip
 
 
 def rel_err(actual, expected):

@@ -4,23 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_moe_oracle import moe_loop, random_moe_inputs, rel_err
+from test_moe_oracle import forward_backward, moe_loop, random_moe_inputs, rel_err
 
 from hybridlm.kernels.moe import route_ref, sparse_moe_ref
 
 NUM_TOKENS, HIDDEN, INTERMEDIATE, NUM_EXPERTS = 37, 16, 12, 6
-
-
-def run_with_grads(fn, inputs, **kwargs):
-    """Forward `fn`, backward a fixed random cotangent on y and logits; returns (y, logits, counts, grads)."""
-    leaves = [t.detach().clone().requires_grad_() for t in inputs]
-    y, logits, counts = fn(*leaves, **kwargs)[:3]
-    generator = torch.Generator().manual_seed(123)
-    dy = torch.randn(y.shape, generator=generator, dtype=torch.float64).to(y.dtype)
-    dlogits = torch.randn(logits.shape, generator=generator, dtype=torch.float64).to(logits.dtype)
-    # The logits cotangent stands in for the aux and z losses the MoE layer adds on top.
-    torch.autograd.backward([y, logits], [dy, dlogits])
-    return y.detach(), logits.detach(), counts, [leaf.grad for leaf in leaves]
+GRAD_NAMES = ("x", "router_weight", "gate_up", "down")
 
 
 ROUTING_CASES = [
@@ -43,12 +32,13 @@ def selection_bias_for(case):
 def test_float64_matches_loop_forward_and_grads(case):
     inputs = random_moe_inputs(NUM_TOKENS, HIDDEN, INTERMEDIATE, NUM_EXPERTS, dtype=torch.float64)
     kwargs = dict(case, selection_bias=selection_bias_for(case))
-    y, logits, counts, grads = run_with_grads(sparse_moe_ref, inputs, **kwargs)
-    y_exp, logits_exp, counts_exp, grads_exp = run_with_grads(moe_loop, inputs, **kwargs)
-    torch.testing.assert_close(y, y_exp, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(logits, logits_exp, rtol=1e-12, atol=1e-12)
-    assert counts.tolist() == counts_exp.tolist()
-    for name, grad, grad_exp in zip(("x", "router_weight", "gate_up", "down"), grads, grads_exp):
+    out = forward_backward(sparse_moe_ref, inputs, **kwargs)
+    expected = forward_backward(moe_loop, inputs, **kwargs)
+    assert out.counts.tolist() == expected.counts.tolist()
+    outputs = zip([out.y, out.logits, *out.loss_stats], [expected.y, expected.logits, *expected.loss_stats])
+    for actual, wanted in outputs:
+        torch.testing.assert_close(actual, wanted, rtol=1e-12, atol=1e-12)
+    for name, grad, grad_exp in zip(GRAD_NAMES, out.grads, expected.grads):
         torch.testing.assert_close(grad, grad_exp, rtol=1e-10, atol=1e-12, msg=lambda m: f"d{name}: {m}")
 
 
@@ -56,12 +46,14 @@ def test_float64_matches_loop_forward_and_grads(case):
 def test_float32_within_1e5_of_float64_loop(case):
     inputs = random_moe_inputs(NUM_TOKENS, HIDDEN, INTERMEDIATE, NUM_EXPERTS, dtype=torch.float32, seed=3)
     kwargs = dict(case, selection_bias=selection_bias_for(case))
-    y, logits, counts, grads = run_with_grads(sparse_moe_ref, inputs, **kwargs)
-    y_exp, _, counts_exp, grads_exp = run_with_grads(moe_loop, [t.double() for t in inputs], **kwargs)
-    assert y.dtype == torch.float32 and logits.dtype == torch.float32
-    assert counts.tolist() == counts_exp.tolist()
-    assert rel_err(y, y_exp) <= 1e-5
-    for name, grad, grad_exp in zip(("x", "router_weight", "gate_up", "down"), grads, grads_exp):
+    out = forward_backward(sparse_moe_ref, inputs, **kwargs)
+    expected = forward_backward(moe_loop, [t.double() for t in inputs], **kwargs)
+    assert out.y.dtype == torch.float32 and out.logits.dtype == torch.float32
+    assert all(stat.dtype == torch.float32 for stat in out.loss_stats)
+    assert out.counts.tolist() == expected.counts.tolist()
+    for actual, wanted in zip([out.y, *out.loss_stats], [expected.y, *expected.loss_stats]):
+        assert rel_err(actual, wanted) <= 1e-5
+    for name, grad, grad_exp in zip(GRAD_NAMES, out.grads, expected.grads):
         assert grad.dtype == torch.float32
         assert rel_err(grad, grad_exp) <= 1e-5, name
 
@@ -73,13 +65,13 @@ def test_empty_experts_get_zero_grads_and_match_loop():
     bias[[1, 4]] = -10.0
     inputs = (x, router_weight, gate_up, down)
     kwargs = dict(top_k=2, score_func="sigmoid", renormalize=True, selection_bias=bias)
-    y, _, counts, grads = run_with_grads(sparse_moe_ref, inputs, **kwargs)
-    y_exp, _, _, grads_exp = run_with_grads(moe_loop, inputs, **kwargs)
-    assert counts[1] == 0 and counts[4] == 0 and counts.sum() == 2 * NUM_TOKENS
-    torch.testing.assert_close(y, y_exp, rtol=1e-12, atol=1e-12)
-    for grad, grad_exp in zip(grads, grads_exp):
+    out = forward_backward(sparse_moe_ref, inputs, **kwargs)
+    expected = forward_backward(moe_loop, inputs, **kwargs)
+    assert out.counts[1] == 0 and out.counts[4] == 0 and out.counts.sum() == 2 * NUM_TOKENS
+    torch.testing.assert_close(out.y, expected.y, rtol=1e-12, atol=1e-12)
+    for grad, grad_exp in zip(out.grads, expected.grads):
         torch.testing.assert_close(grad, grad_exp, rtol=1e-10, atol=1e-12)
-    gate_up_grad, down_grad = grads[2], grads[3]
+    gate_up_grad, down_grad = out.grads[2], out.grads[3]
     assert not gate_up_grad[[1, 4]].any() and not down_grad[[1, 4]].any()
     assert gate_up_grad[[0, 2, 3, 5]].abs().amax(dim=(1, 2)).min() > 0
 
@@ -89,11 +81,11 @@ def test_heavy_imbalance_one_expert_takes_most_tokens():
     bias = torch.zeros(NUM_EXPERTS, dtype=torch.float64)
     bias[2] = 0.45
     kwargs = dict(top_k=1, score_func="sigmoid", renormalize=False, selection_bias=bias)
-    y, _, counts, grads = run_with_grads(sparse_moe_ref, inputs, **kwargs)
-    y_exp, _, counts_exp, grads_exp = run_with_grads(moe_loop, inputs, **kwargs)
-    assert counts[2] >= 48 and counts.tolist() == counts_exp.tolist()
-    torch.testing.assert_close(y, y_exp, rtol=1e-12, atol=1e-12)
-    for grad, grad_exp in zip(grads, grads_exp):
+    out = forward_backward(sparse_moe_ref, inputs, **kwargs)
+    expected = forward_backward(moe_loop, inputs, **kwargs)
+    assert out.counts[2] >= 48 and out.counts.tolist() == expected.counts.tolist()
+    torch.testing.assert_close(out.y, expected.y, rtol=1e-12, atol=1e-12)
+    for grad, grad_exp in zip(out.grads, expected.grads):
         torch.testing.assert_close(grad, grad_exp, rtol=1e-10, atol=1e-12)
 
 
@@ -122,6 +114,10 @@ def test_route_output_dtypes_and_counts():
     assert routing.expert_ids.dtype == torch.int32 and routing.expert_ids.shape == (NUM_TOKENS, 3)
     assert routing.router_logits.dtype == torch.float32 and routing.router_logits.shape == (NUM_TOKENS, NUM_EXPERTS)
     assert routing.expert_counts.dtype == torch.int64
+    logsumexp, probability_sums = routing.loss_stats
+    assert logsumexp.dtype == probability_sums.dtype == torch.float32
+    assert logsumexp.shape == (NUM_TOKENS,) and probability_sums.shape == (NUM_EXPERTS,)
+    torch.testing.assert_close(probability_sums.sum(), torch.tensor(float(NUM_TOKENS)))  # softmax rows sum to 1
     expected_counts = torch.bincount(routing.expert_ids.flatten().long(), minlength=NUM_EXPERTS)
     assert routing.expert_counts.tolist() == expected_counts.tolist()
     # Every token chooses k distinct experts.
@@ -139,8 +135,11 @@ def test_bfloat16_close_to_float64_loop():
 
 def test_zero_tokens():
     x, router_weight, gate_up, down = random_moe_inputs(0, HIDDEN, INTERMEDIATE, NUM_EXPERTS)
-    y, logits, counts = sparse_moe_ref(x, router_weight, gate_up, down, top_k=2)
+    y, logits, counts, (logsumexp, probability_sums) = sparse_moe_ref(
+        x, router_weight, gate_up, down, top_k=2, return_loss_stats=True
+    )
     assert y.shape == (0, HIDDEN) and logits.shape == (0, NUM_EXPERTS) and not counts.any()
+    assert logsumexp.shape == (0,) and probability_sums.shape == (NUM_EXPERTS,) and not probability_sums.any()
 
 
 @pytest.mark.parametrize(
