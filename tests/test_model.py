@@ -190,14 +190,14 @@ def test_logits_to_keep_gives_the_last_positions():
         torch.testing.assert_close(model(x, logits_to_keep=2).logits, model(x).logits[:, -2:])
 
 
-def test_balanced_router_gives_aux_loss_one():
-    # Uniform router probabilities and uniform counts give E * sum(1/E * 1/E) = 1.
-    cfg = small_config(layer_pattern="G", num_layers=1, mlp_pattern="M")
-    model = build(cfg)
-    moe = model.layers[0].mlp
-    logits = torch.zeros(8, cfg.moe.num_experts)
-    counts = torch.full((cfg.moe.num_experts,), 4)
-    torch.testing.assert_close(moe.load_balancing_loss(logits, counts), torch.tensor(1.0))
+def test_balanced_router_gives_aux_loss_top_k():
+    # transformers' load_balancing_loss_func form: uniform probabilities and counts give E * sum_e (k/E) (1/E) = k.
+    from hybridlm.layers.moe import load_balancing_loss
+
+    num_tokens, num_experts, top_k = 8, 4, 2
+    probability_sums = torch.full((num_experts,), num_tokens / num_experts)
+    counts = torch.full((num_experts,), num_tokens * top_k // num_experts)
+    torch.testing.assert_close(load_balancing_loss(probability_sums, num_tokens, counts, top_k), torch.tensor(2.0))
 
 
 def test_no_weight_decay_on_norms_biases_and_decay_parameters():

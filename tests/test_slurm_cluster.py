@@ -1,18 +1,22 @@
 """Training through a REAL one-node Slurm cluster (slurmctld + slurmd + munged started here; see helpers/).
 
-- the sbatch template runs a 2-rank CPU (gloo, ZeRO 2) training job to completion;
-- a job signalled mid-run (USR1 through Slurm, again during its save) saves, requeues itself, resumes and ends
-  with the uninterrupted run's exact final loss;
+- the multi-node sbatch template (run with --nodes=1) trains 2 CPU ranks (gloo, ZeRO 2) to completion, and its
+  srun hands each rank the job's --cpus-per-task;
+- a one-node template job signalled mid-run (USR1 to its batch shell, which forwards it to the ranks; then a second
+  USR1 while the save is held open) saves once, requeues itself, resumes and ends with the uninterrupted run's exact
+  final loss;
 - `train.py -m hydra/launcher=slurm` submits one 2-rank job per sweep point and both leave checkpoints; the one
   signalled mid-run requeues through submitit and resumes.
 
-Needs root (installs Debian's slurm packages when missing) or an installed Slurm; skips with the reason otherwise.
+Needs root (installs Debian's slurm packages when missing) or an installed Slurm. As root (CI) a Slurm that cannot
+be installed or started fails the tests; otherwise they skip with the reason.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -28,8 +32,9 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_STEPS = 40
+CPUS_PER_TASK = 2
 # The 8-GPU template shrunk to this 2-core machine: command-line options override its #SBATCH lines.
-CPU_JOB = ["--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10"]
+CPU_JOB = ["--ntasks-per-node=2", "--gpus-per-node=0", f"--cpus-per-task={CPUS_PER_TASK}", "--time=10"]
 JOB_TIMEOUT_S = 300
 
 
@@ -37,13 +42,17 @@ JOB_TIMEOUT_S = 300
 def slurm(tmp_path_factory):
     try:
         ensure_slurm_installed()
-        # 4 CPUs declared on this 2-core machine: the two 2-rank sweep jobs run side by side.
-        cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"), cpus=4).start()
+        # 8 CPUs declared on this 2-core machine: the two sweep jobs (2 ranks x 2 CPUs each) run side by side.
+        cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"), cpus=8).start()
     except SlurmUnavailable as err:
-        pytest.skip(f"no Slurm cluster: {err}")
+        if os.geteuid() == 0:  # CI: root can install and start Slurm, so not having one is a failure
+            pytest.fail(f"no Slurm cluster although running as root: {err}")
+        pytest.skip(f"no Slurm cluster (not root): {err}")
     # Jobs run `python` from the venv running the tests, one thread per rank (ranks outnumber cores here).
     cluster.env["PATH"] = f"{Path(sys.executable).parent}:{cluster.env['PATH']}"
-    cluster.env.update(PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    # SLURM_EXACT: a job step gets only the CPUs it asks for (as under the task binding of real clusters), so its
+    # CPU count shows whether srun was given the job's --cpus-per-task.
+    cluster.env.update(PYTHON=sys.executable, OMP_NUM_THREADS="1", SLURM_EXACT="1")
     yield cluster
     cluster.stop()
 
@@ -57,11 +66,20 @@ def tiny(tmp_path_factory) -> list[str]:
     ]  # fmt: skip
 
 
-def _submit_template(slurm: SlurmCluster, out_dir: Path, overrides: list[str]) -> str:
+def _submit_template(slurm: SlurmCluster, template: str, out_dir: Path, overrides: list[str], *options: str,
+                     env: dict[str, str] | None = None) -> str:  # fmt: skip
     return slurm.sbatch(
-        *CPU_JOB, f"--output={out_dir}.log", "slurm/train_1node.sbatch", f"trainer.out_dir={out_dir}", *overrides,
-        cwd=REPO,
+        *CPU_JOB, *options, f"--output={out_dir}.log", f"slurm/{template}", f"trainer.out_dir={out_dir}", *overrides,
+        cwd=REPO, env=env,
     )  # fmt: skip
+
+
+def _step_cpus(slurm: SlurmCluster, job_id: str) -> int:
+    """CPUs of the job's first srun step (`scontrol show step JOB.0`); the job must be running it."""
+    job = slurm.job_info(job_id)["JobId"]  # the numeric id, also for an array task such as 12_0
+    out = subprocess.run(["scontrol", "show", "step", f"{job}.0", "--oneliner"], env=slurm.env, capture_output=True,
+                         text=True, check=True).stdout  # fmt: skip
+    return int(re.search(r"\bCPUs=(\d+)", out).group(1))
 
 
 def _metrics(out_dir: Path) -> list[dict]:
@@ -105,17 +123,26 @@ def _assert_completed(slurm: SlurmCluster, job_id: str, info: dict, log: Path) -
 
 @pytest.fixture(scope="module")
 def uninterrupted_run(slurm, tiny, tmp_path_factory):
+    """The multi-node template on one node; its step's CPUs are checked while it runs."""
     out_dir = tmp_path_factory.mktemp("runs") / "uninterrupted"
-    job_id = _submit_template(slurm, out_dir, tiny)
+    job_id = _submit_template(slurm, "train_multinode.sbatch", out_dir, tiny, "--nodes=1")
+
+    def still_running():
+        assert slurm.job_info(job_id)["JobState"] in ("PENDING", "RUNNING"), Path(f"{out_dir}.log").read_text()
+
+    _wait_for_step(out_dir, 1, still_running)
+    step_cpus = _step_cpus(slurm, job_id)
     info = slurm.wait(job_id, JOB_TIMEOUT_S)
     _assert_completed(slurm, job_id, info, Path(f"{out_dir}.log"))
-    return out_dir, info
+    return out_dir, info, step_cpus
 
 
-def test_sbatch_template_trains_two_gloo_ranks_to_completion(uninterrupted_run):
-    out_dir, info = uninterrupted_run
+def test_multinode_template_on_one_node_trains_two_gloo_ranks_to_completion(uninterrupted_run):
+    out_dir, info, step_cpus = uninterrupted_run
     log = Path(f"{out_dir}.log").read_text()
     assert "2 rank(s) on cpu, ZeRO 2" in log
+    assert f"{CPUS_PER_TASK} CPUs per task" in log
+    assert step_cpus == 2 * CPUS_PER_TASK  # srun passed --cpus-per-task on (SRUN_CPUS_PER_TASK); else 1 per rank
     assert info["Restarts"] == "0"
     records = _metrics(out_dir)
     assert [r["step"] for r in records if "loss" in r] == list(range(1, MAX_STEPS + 1))
@@ -123,35 +150,46 @@ def test_sbatch_template_trains_two_gloo_ranks_to_completion(uninterrupted_run):
     assert _checkpoint_steps(out_dir) == [MAX_STEPS]
 
 
+def _python_with_preemption_hooks(directory: Path) -> Path:
+    """An executable for the templates' PYTHON that runs train.py through tests/helpers/preemption_hooks.py."""
+    wrapper = directory / "python-with-preemption-hooks"
+    hooks = REPO / "tests" / "helpers" / "preemption_hooks.py"
+    wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{hooks}" "$@"\n')
+    wrapper.chmod(0o755)
+    return wrapper
+
+
 def test_signalled_job_saves_requeues_resumes_and_matches_the_uninterrupted_run(slurm, tiny, uninterrupted_run):
-    reference_dir, _ = uninterrupted_run
+    reference_dir, _, _ = uninterrupted_run
     out_dir = reference_dir.parent / "preempted"
     log = Path(f"{out_dir}.log")
-    job_id = _submit_template(slurm, out_dir, tiny)
+    save_held = reference_dir.parent / "preempted-save-held"
+    hooks = {"PYTHON": str(_python_with_preemption_hooks(reference_dir.parent)),
+             "HYBRIDLM_TEST_HOLD_PREEMPTION_SAVE": str(save_held)}  # fmt: skip
+    job_id = _submit_template(slurm, "train_1node.sbatch", out_dir, tiny, env=hooks)
 
     def still_running():
         assert slurm.job_info(job_id)["JobState"] in ("PENDING", "RUNNING"), log.read_text()[-6000:]
 
     _wait_for_step(out_dir, 2, still_running)  # mid-run: a few steps done, most to go
-    # Slurm's preemption warning to every task (what --signal=USR1@300 sends) ...
-    subprocess.run(["scancel", "--signal=USR1", job_id], env=slurm.env, check=True)
-    # ... and a second one while the save is under way, if the test catches it. Sent to the task PIDs directly:
-    # scancel retries a job that is being requeued until it runs again, and would hit the restarted job before its
-    # handler is installed; for the same reason nothing is sent once the save is over.
-    checkpoints, deadline = out_dir / "checkpoints", time.monotonic() + 60
-    while not _checkpoint_steps(out_dir) and time.monotonic() < deadline:
-        if list(checkpoints.glob(".tmp-step_*")):
-            for pid in _task_pids(slurm, job_id):
-                try:
-                    os.kill(pid, signal.SIGUSR1)
-                except ProcessLookupError:
-                    pass
-            break
-        time.sleep(0.01)
+    # Slurm's warning to the batch shell (what --signal=B:USR1@300 sends); its trap forwards it to every rank ...
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], env=slurm.env, check=True)
+    # ... and a second one while the save is held open on rank 0 (every rank's files written, not yet published).
+    # Sent to the task PIDs directly: scancel retries a job that is being requeued until it runs again, and would hit
+    # the restarted job.
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while not save_held.exists():
+        assert time.monotonic() < deadline, log.read_text()[-6000:]
+        time.sleep(0.02)
+    for pid in _task_pids(slurm, job_id):
+        os.kill(pid, signal.SIGUSR1)
     info = slurm.wait(job_id, JOB_TIMEOUT_S)
     _assert_completed(slurm, job_id, info, log)
 
     text = log.read_text()
+    assert "batch shell got SIGUSR1: forwarding it to the tasks" in text, text[-6000:]
+    assert "[test hook] checkpoint save held: 2 signal(s) caught before publishing" in text, text[-6000:]
+    assert "rank 0: 2 signal(s) caught" in text and "rank 1: 2 signal(s) caught" in text, text[-6000:]
     assert info["Restarts"] == "1", text[-6000:]
     stopped = sorted(set(_checkpoint_steps(out_dir)) - {MAX_STEPS})
     assert len(stopped) == 1 and 2 <= stopped[0] < MAX_STEPS, (stopped, text[-6000:])
@@ -169,7 +207,8 @@ def test_hydra_submitit_multirun_runs_a_job_per_sweep_point_and_requeues_a_signa
     command = [
         sys.executable, "train.py", "-m", "hydra/launcher=slurm",
         "hydra.launcher.partition=debug", "hydra.launcher.gpus_per_node=null", "hydra.launcher.tasks_per_node=2",
-        "hydra.launcher.cpus_per_task=1", "hydra.launcher.timeout_min=10", "hydra.launcher.max_num_timeout=1",
+        f"hydra.launcher.cpus_per_task={CPUS_PER_TASK}", "hydra.launcher.timeout_min=10",
+        "hydra.launcher.max_num_timeout=1",
         f"trainer.out_dir={sweep_dir}",  # the sweep's root; point N trains in sweep_dir/N
         *tiny, "optim.lr=1e-3,2e-3",
     ]  # fmt: skip
@@ -182,6 +221,7 @@ def test_hydra_submitit_multirun_runs_a_job_per_sweep_point_and_requeues_a_signa
     try:
         _wait_for_step(sweep_dir / "0", 2, still_running)
         (job_id,) = [p.name for p in (sweep_dir / ".submitit").glob("*_0")]  # array job: <array id>_<point>
+        step_cpus = _step_cpus(slurm, job_id)
         subprocess.run(["scancel", "--signal=USR2", job_id], env=slurm.env, check=True)  # submitit's signal
         multirun.wait(timeout=JOB_TIMEOUT_S)
     finally:
@@ -191,6 +231,7 @@ def test_hydra_submitit_multirun_runs_a_job_per_sweep_point_and_requeues_a_signa
     job_logs = "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(sweep_dir.glob(".submitit/*/*.out")))
     details = f"{output.read_text()[-3000:]}\n{job_logs}\n{slurm.logs()}"
     assert multirun.returncode == 0, details
+    assert step_cpus == 2 * CPUS_PER_TASK, details  # the preset's setup line passes --cpus-per-task on to srun
     # submitit returns once every rank has written its result; the jobs themselves end just after.
     for point in (0, 1):
         info = slurm.wait(f"{job_id.rsplit('_', 1)[0]}_{point}", JOB_TIMEOUT_S)

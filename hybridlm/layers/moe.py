@@ -1,5 +1,15 @@
 """Sparse mixture of SwiGLU experts: dropless top-k routing, fused expert weights, optional gated shared expert,
-load-balancing and z losses, and aux-loss-free selection bias."""
+load-balancing and z losses, and aux-loss-free selection bias.
+
+The losses come from the router's own statistics (`RouterLossStats`: per-token logsumexp, per-expert sums of the
+balancing probabilities), computed in the same pass over the logits as the routing; nothing here re-reads them.
+
+"Over the global batch" means over every data-parallel rank of one micro-batch: the expert counts are summed over
+ranks (only while training with a loss or a bias that needs them). They are not accumulated over the micro-batches
+of a gradient-accumulation window (Megatron's `global_aux_loss`): that needs the window's earlier counts passed into
+the layer from outside the activation-checkpointed block, since a checkpointed forward runs twice, and a reset at
+each optimizer step; both belong to the model and the training loop.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +17,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from hybridlm import ops
@@ -17,16 +26,31 @@ from hybridlm.layers.mlp import SwiGLU
 
 @dataclass
 class RouterStats:
-    aux_loss: torch.Tensor  # Switch/Mixtral load-balancing loss (differentiable)
+    aux_loss: torch.Tensor  # load-balancing loss in transformers' load_balancing_loss_func form (differentiable)
     z_loss: torch.Tensor  # mean logsumexp(router logits)^2 (differentiable)
-    expert_counts: torch.Tensor  # [E] int64 (token, slot) pairs per expert, summed over data-parallel ranks
+    # [E] int64 (token, slot) pairs per expert; summed over data-parallel ranks while training with an aux loss or a
+    # selection bias (see SparseMoE.counts_are_global), this rank's own otherwise.
+    expert_counts: torch.Tensor
 
 
-def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        t = t.clone()
-        dist.all_reduce(t)
-    return t
+def load_balancing_loss(
+    probability_sums: torch.Tensor, num_tokens: int, expert_counts: torch.Tensor, top_k: int
+) -> torch.Tensor:
+    """Switch/Mixtral load-balancing loss as transformers' `load_balancing_loss_func` computes it for one layer
+    (Mixtral, Qwen3-Next, Qwen3.5-MoE): E * sum_e f_e * P_e, where
+
+    - f_e = pairs routed to expert e / tokens (so sum_e f_e = top_k), from `expert_counts`, which may cover more
+      tokens than this call's (all data-parallel ranks): the token count is recovered as counts.sum() / top_k;
+    - P_e = probability_sums[e] / num_tokens, the mean balancing probability of e over this call's tokens.
+
+    Balanced routing gives top_k. Gradients reach the router through P only; averaged over data-parallel ranks with
+    equal token counts they are the gradient of the loss over all ranks' tokens.
+    """
+    num_experts = probability_sums.shape[0]
+    counted_tokens = (expert_counts.sum().to(probability_sums.dtype) / top_k).clamp(min=1)
+    fraction_routed = expert_counts.to(probability_sums.dtype) / counted_tokens
+    mean_probability = probability_sums / max(num_tokens, 1)
+    return num_experts * (fraction_routed * mean_probability).sum()
 
 
 class Experts(nn.Module):
@@ -52,12 +76,20 @@ class SparseMoE(nn.Module):
             self.register_buffer("expert_bias", torch.zeros(cfg.num_experts, dtype=torch.float32))
             self.register_buffer("_load_since_update", torch.zeros(cfg.num_experts), persistent=False)
 
+    def counts_are_global(self) -> bool:
+        """Whether forward sums the expert counts over data-parallel ranks: only while training, under a process
+        group of several ranks, with an aux loss or a selection bias that uses them. Never in eval or generation,
+        where ranks may run different forwards (a collective there would hang)."""
+        cfg = self.cfg
+        needed = self.training and (cfg.aux_loss_coef > 0 or cfg.selection_bias)
+        return needed and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterStats]:
         cfg = self.cfg
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])
         bias = self.expert_bias.float() if cfg.selection_bias else None
-        y, router_logits, counts = ops.sparse_moe(
+        y, _, counts, loss_stats = ops.sparse_moe(
             tokens,
             self.gate.weight,
             self.experts.gate_up_proj,
@@ -66,30 +98,21 @@ class SparseMoE(nn.Module):
             score_func=cfg.score_func,
             renormalize=cfg.renormalize,
             selection_bias=bias,
+            return_loss_stats=True,
             backend=cfg.backend,
         )
         if cfg.shared_expert_intermediate_size:
             y = y + torch.sigmoid(self.shared_expert_gate(tokens)) * self.shared_expert(tokens)
+        counts = counts.to(torch.int64)
         # Counted by HybridLM.forward into _load_since_update: a checkpointed block runs twice.
-        counts = _all_reduce_sum(counts.to(torch.int64))
+        if self.counts_are_global():
+            dist.all_reduce(counts)
+        num_tokens = tokens.shape[0]
         return y.reshape(shape), RouterStats(
-            aux_loss=self.load_balancing_loss(router_logits, counts),
-            z_loss=torch.logsumexp(router_logits, dim=-1).pow(2).mean(),
+            aux_loss=load_balancing_loss(loss_stats.probability_sums, num_tokens, counts, cfg.top_k),
+            z_loss=loss_stats.logsumexp.pow(2).sum() / max(num_tokens, 1),
             expert_counts=counts,
         )
-
-    def load_balancing_loss(self, router_logits: torch.Tensor, global_counts: torch.Tensor) -> torch.Tensor:
-        """E * sum_e f_e * P_e: f_e, the share of routed (token, slot) pairs that went to expert e over the global
-        batch (all data-parallel ranks), times P_e, the mean router probability of e over local tokens. Gradients
-        reach the router through P; averaging them over ranks gives the global-batch loss's gradient."""
-        E = self.cfg.num_experts
-        if self.cfg.score_func == "softmax":
-            probs = router_logits.softmax(dim=-1)
-        else:
-            scores = router_logits.sigmoid()
-            probs = scores / scores.sum(dim=-1, keepdim=True)
-        share = global_counts.float() / global_counts.sum().clamp(min=1).float()
-        return E * (share * probs.mean(dim=0)).sum()
 
     @torch.no_grad()
     def update_selection_bias(self) -> None:

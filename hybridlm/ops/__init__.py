@@ -63,9 +63,10 @@ def fused_recurrent_gated_delta_rule(q, k, v, g=None, beta=None, *, backend: str
 
 
 def sparse_moe(x, router_weight, gate_up, down, top_k, score_func="softmax", renormalize=True, selection_bias=None,
-               *, backend: str = "auto"):
+               *, return_loss_stats: bool = False, backend: str = "auto"):
     """The routed MoE path: router -> top-k -> SwiGLU experts -> weighted combine.
-    Returns (y [T,H], router_logits [T,E] fp32, expert_counts [E])."""
+    Returns (y [T,H], router_logits [T,E] fp32, expert_counts [E]), and with `return_loss_stats` the router's
+    `RouterLossStats` (per-token logsumexp, per-expert probability sums) fourth, for the z and balancing losses."""
     backend = resolve_backend(backend, x)
     if backend == "fla":
         raise ValueError("model.moe.backend='fla': fla has no MoE kernels; use 'auto', 'triton' or 'torch'")
@@ -74,4 +75,4 @@ def sparse_moe(x, router_weight, gate_up, down, top_k, score_func="softmax", ren
     else:
         from hybridlm.kernels.moe.reference import sparse_moe_ref as impl
     return impl(x, router_weight, gate_up, down, top_k, score_func=score_func, renormalize=renormalize,
-                selection_bias=selection_bias)
+                selection_bias=selection_bias, return_loss_stats=return_loss_stats)
