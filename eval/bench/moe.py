@@ -5,8 +5,9 @@ Compared at each (tokens, H, I, E, k):
   hf_grouped   transformers 5 Qwen3-Next router + experts with experts_implementation="grouped_mm"
   hf_loop      the same with the eager per-expert loop
   dense        a dense SwiGLU MLP with intermediate k*I: same active FLOPs, no routing (speed-of-light reference)
-Reports median time, TFLOP/s of the active expert GEMMs, peak extra memory, speedups; prints a table and writes
-JSON with `--out`.
+Reports median time, TFLOP/s of the active expert GEMMs, memory per implementation (peak extra memory of a step on
+a GPU; on any device, the bytes autograd saves for backward beyond the inputs and weights), speedups; prints a
+table and writes JSON with `--out`, recording the device, versions, date, git commit and command line.
 
     python eval/bench/moe.py --out eval/bench/results/moe_h100.json
     python eval/bench/moe.py --smoke          # tiny shapes; on CPU through the Triton interpreter (plumbing only)
@@ -19,9 +20,14 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import statistics
+import subprocess
 import sys
 import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
 
 DEFAULT_SHAPES = ["16384,2048,512,64,8", "16384,2048,768,128,8", "8192,4096,1536,8,2"]
 SMOKE_SHAPES = ["40,32,16,4,2"]
@@ -91,7 +97,8 @@ def make_inputs(shape, dtype, device, seed):
 
 
 def build_step(impl, shape, inputs):
-    """A closure running one forward + backward; returns the forward output."""
+    """(step, leaves): `step` runs one forward + backward and returns the forward output; `leaves` are the tensors
+    it differentiates (x and the weights)."""
     import torch
     import torch.nn.functional as F
 
@@ -144,14 +151,35 @@ def build_step(impl, shape, inputs):
     else:
         raise ValueError(f"unknown impl {impl!r}; choose from {IMPLS}")
 
+    leaves = [x, *params]
+
     def step():
-        for tensor in [x, *params]:
+        for tensor in leaves:
             tensor.grad = None
         y = forward()
         y.backward(dy)
         return y
 
-    return step
+    return step, leaves
+
+
+def saved_for_backward_mib(step, leaves) -> float:
+    """MiB that autograd keeps between the forward and the backward of `step`, beyond the leaves themselves:
+    the activation memory one layer holds during training, on any device. Views of one buffer count once."""
+    import torch
+
+    leaf_storages = {t.untyped_storage().data_ptr() for t in leaves}
+    saved = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in leaf_storages:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        step()
+    return sum(saved.values()) / 2**20
 
 
 def time_step(step, device, warmup, iters):
@@ -184,6 +212,18 @@ def time_step(step, device, warmup, iters):
     return statistics.median(times), peak_mib
 
 
+def git_commit() -> str:
+    """HEAD of the checkout the benchmark runs from, with "-dirty" when tracked files differ from it."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
+
+    head = git("rev-parse", "HEAD")
+    if head.returncode != 0:
+        return "unknown (not a git checkout)"
+    dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+    return head.stdout.strip() + ("-dirty" if dirty else "")
+
+
 def versions(device):
     import torch
     import transformers
@@ -201,8 +241,8 @@ def versions(device):
 
 def check_against_hf(shape, inputs):
     """Relative max error of our forward vs transformers' grouped_mm path (same weights; bf16 routing may differ)."""
-    ours = build_step("ours", shape, inputs)().detach().float()
-    hf = build_step("hf_grouped", shape, inputs)().detach().float()
+    ours = build_step("ours", shape, inputs)[0]().detach().float()
+    hf = build_step("hf_grouped", shape, inputs)[0]().detach().float()
     return ((ours - hf).abs().max() / hf.abs().max()).item()
 
 
@@ -222,8 +262,10 @@ def main(argv=None):
         row = {"tokens": tokens, "hidden": hidden, "intermediate": intermediate, "experts": experts, "top_k": top_k}
         for impl in args.impls:
             try:
-                ms, peak_mib = time_step(build_step(impl, shape, inputs), device, args.warmup, args.iters)
-                row[impl] = {"ms": ms, "tflops": flops / ms / 1e9, "peak_mib": peak_mib}
+                step, leaves = build_step(impl, shape, inputs)
+                ms, peak_mib = time_step(step, device, args.warmup, args.iters)
+                saved_mib = saved_for_backward_mib(step, leaves)
+                row[impl] = {"ms": ms, "tflops": flops / ms / 1e9, "peak_mib": peak_mib, "saved_mib": saved_mib}
             except torch.OutOfMemoryError as error:  # the per-expert loop can run out at large shapes
                 row[impl] = {"error": f"out of memory: {error}"[:200]}
             if device == "cuda":
@@ -236,11 +278,15 @@ def main(argv=None):
                 row[f"speedup_vs_{baseline}"] = row[baseline]["ms"] / ours_ms
         results.append(row)
 
+    environment = versions(device)
+    script = str(Path(__file__).resolve().relative_to(REPO))
     report = {
         "benchmark": "routed sparse MoE forward+backward",
         "dtype": str(dtype).removeprefix("torch."), "warmup": args.warmup, "iters": args.iters, "smoke": args.smoke,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "versions": versions(device), "results": results,
+        "git_commit": git_commit(),
+        "command": shlex.join(["python", script, *(sys.argv[1:] if argv is None else argv)]),
+        "device": environment["device"], "versions": environment, "results": results,
     }  # fmt: skip
     print_table(report)
     if args.out:
@@ -252,8 +298,9 @@ def main(argv=None):
 
 
 def print_table(report):
-    print(f"{report['benchmark']} | {report['dtype']} | {report['versions']['device']} | {report['date']}")
-    header = f"{'T,H,I,E,k':<24}" + "".join(f"{impl:>22}" for impl in IMPLS) + f"{'vs hf_grouped':>15}{'vs dense':>10}"
+    """One row per shape; per implementation: median ms, peak extra MiB (GPU) / MiB saved for backward."""
+    print(f"{report['benchmark']} | {report['dtype']} | {report['device']} | {report['date']} | {report['git_commit']}")
+    header = f"{'T,H,I,E,k':<24}" + "".join(f"{impl:>28}" for impl in IMPLS) + f"{'vs hf_grouped':>15}{'vs dense':>10}"
     print(header)
     for row in report["results"]:
         shape = ",".join(str(row[key]) for key in ("tokens", "hidden", "intermediate", "experts", "top_k"))
@@ -261,12 +308,12 @@ def print_table(report):
         for impl in IMPLS:
             entry = row.get(impl)
             if entry is None:
-                cells.append(f"{'-':>22}")
+                cells.append(f"{'-':>28}")
             elif "error" in entry:
-                cells.append(f"{'OOM':>22}")
+                cells.append(f"{'OOM':>28}")
             else:
-                memory = f" {entry['peak_mib']:.0f}MiB" if entry["peak_mib"] is not None else ""
-                cells.append(f"{entry['ms']:>9.2f}ms{memory:>11}")
+                peak = f"{entry['peak_mib']:.0f}" if entry["peak_mib"] is not None else "-"
+                cells.append(f"{entry['ms']:>9.2f}ms {peak:>6}/{entry['saved_mib']:.4g}MiB".rjust(28))
         speedups = [row.get(f"speedup_vs_{b}") for b in ("hf_grouped", "dense")]
         print(f"{shape:<24}" + "".join(cells) + "".join(f"{s:>14.2f}x" if s else f"{'-':>15}" for s in speedups))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from pathlib import Path
 
@@ -33,9 +34,19 @@ def test_shapes_are_parsed_and_checked():
 def test_smoke_run_matches_transformers_and_writes_json(tmp_path):
     bench = load_bench()
     out = tmp_path / "moe.json"
-    report = bench.main(["--smoke", "--shapes", "24,32,16,4,2", "--impls", "ours", "hf_grouped", "--out", str(out)])
+    argv = ["--smoke", "--shapes", "24,32,16,4,2", "--impls", "ours", "hf_grouped", "--out", str(out)]
+    report = bench.main(argv)
     row = report["results"][0]
     assert row["ours"]["ms"] > 0 and row["hf_grouped"]["ms"] > 0 and row["speedup_vs_hf_grouped"] > 0
     # Same weights: our kernels agree with transformers' experts implementation (fp32 on CPU, bf16 on a GPU).
     assert row["max_rel_diff_vs_hf_grouped"] <= (1e-5 if report["dtype"] == "float32" else 5e-2)
-    assert out.read_text().startswith("{")
+    # Saved for backward by ours, fp32: logits [T,E], ids, weights, 2 permutations [T*k], counts [E], pre [T*k, 2I].
+    tokens, experts, pairs, intermediate = 24, 4, 48, 16
+    expected_bytes = 4 * (tokens * experts + 4 * pairs + experts + pairs * 2 * intermediate)
+    assert row["ours"]["saved_mib"] * 2**20 == pytest.approx(expected_bytes)
+    assert row["hf_grouped"]["saved_mib"] > 0
+    assert (row["ours"]["peak_mib"] is None) == (report["device"].endswith("Triton interpreter"))
+    written = json.loads(out.read_text())
+    assert written["command"] == "python eval/bench/moe.py " + " ".join(argv)
+    assert written["git_commit"] == bench.git_commit() and written["date"] and written["device"]
+    assert {"torch", "triton", "transformers"} <= written["versions"].keys()
