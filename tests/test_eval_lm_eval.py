@@ -1,10 +1,11 @@
 """lm-eval 0.4 on our exports: a tiny model learns one-digit addition here, is exported in every format, and the
-`lm_eval --model hf` CLI scores the shipped offline task (tests/lm_eval_task) on each export.
+stock `lm_eval --model hf` CLI scores the shipped offline task (tests/lm_eval_task) on each export, with no code of
+ours in between.
 
 The native formats (qwen3_next, qwen3_5_moe) run with hybridlm made unimportable: plain transformers only. The
-`hybridlm` format needs its model type registered, which `import hybridlm` does; it runs the same CLI after that
-import. On machines without CUDA, fla is hidden from transformers too (its Triton kernels need a GPU), so
-transformers takes its PyTorch paths.
+`hybridlm` format runs with `--model_args ...,trust_remote_code=True`: its config.json's auto_map names the two shim
+files in the export, which import our classes from the installed package. On machines without CUDA, fla is hidden
+from transformers too (its Triton kernels need a GPU), so transformers takes its PyTorch paths.
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ pytestmark = pytest.mark.slow  # three lm_eval processes, ~1 min each on 2 cores
 TASK_DIR = Path(__file__).parent / "lm_eval_task"
 TASK = "hybridlm_addition"
 FORMATS = ("hybridlm", "qwen3_next", "qwen3_5_moe")
-RUN_LM_EVAL = "import sys, hybridlm; from lm_eval.__main__ import cli_evaluate; sys.exit(cli_evaluate())"
 
 
 def problems() -> list[dict]:
@@ -103,13 +103,12 @@ def run_lm_eval(export_dir: Path, fmt: str, out_dir: Path) -> dict:
     hidden = [] if fmt == "hybridlm" else ["hybridlm"]
     if not torch.cuda.is_available():
         hidden.append("fla")
-    env = dict(os.environ, HIDE_MODULES=",".join(hidden),
+    env = dict(os.environ, HIDE_MODULES=",".join(hidden), HF_MODULES_CACHE=str(out_dir / "hf_modules"),
                PYTHONPATH=os.pathsep.join(filter(None, [str(TASK_DIR / "hide_modules"), os.environ.get("PYTHONPATH")])))
-    command = ([sys.executable, "-c", RUN_LM_EVAL] if fmt == "hybridlm" else [shutil.which("lm_eval")
-               or str(Path(sys.executable).with_name("lm_eval"))])
-    command += ["--model", "hf", "--model_args", f"pretrained={export_dir},dtype=float32", "--tasks", TASK,
-                "--include_path", ".", "--device", "cpu", "--batch_size", "50", "--output_path", str(out_dir),
-                "--log_samples"]
+    model_args = f"pretrained={export_dir},dtype=float32" + (",trust_remote_code=True" if fmt == "hybridlm" else "")
+    command = [shutil.which("lm_eval") or str(Path(sys.executable).with_name("lm_eval")),
+               "--model", "hf", "--model_args", model_args, "--tasks", TASK, "--include_path", ".", "--device", "cpu",
+               "--batch_size", "50", "--output_path", str(out_dir), "--log_samples"]
     proc = subprocess.run(command, cwd=TASK_DIR, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads(next(out_dir.rglob("results_*.json")).read_text())

@@ -1,11 +1,15 @@
 """`import hybridlm` registers the hybridlm model type with AutoConfig / AutoModelForCausalLM, lazily: it imports
-neither transformers nor torch itself, and registration works whichever of the two is imported first. Each case runs
+neither transformers nor torch itself, and registration works whichever of the two is imported first. A program that
+imports nothing of ours loads the export with `trust_remote_code=True` (the export's `auto_map` shims). Each case runs
 in a fresh interpreter, where the import order is under the test's control."""
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,16 +21,19 @@ from hybridlm.model import HybridLM
 
 LOAD_AND_SCORE = """
 from transformers import AutoConfig, AutoModelForCausalLM
-config = AutoConfig.from_pretrained(path)
-model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+config = AutoConfig.from_pretrained(path, **load_options)
+model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **load_options).eval()
 with torch.no_grad():
     logits = model(torch.arange(12)[None] % config.vocab_size).logits
 torch.save({"config": type(config).__name__, "model": type(model).__name__, "logits": logits}, result)
 """
 
 
-def run_python(code: str) -> None:
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+def run_python(code: str, workdir: Path) -> None:
+    """Run `code` in a fresh interpreter in `workdir`, where transformers also copies trust_remote_code modules."""
+    env = dict(os.environ, HF_MODULES_CACHE=str(workdir / "hf_modules"))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=workdir,
+                          env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
@@ -47,11 +54,12 @@ def exported(tmp_path_factory):
     return directory, expected
 
 
-def test_import_hybridlm_stays_light():
+def test_import_hybridlm_stays_light(tmp_path):
     run_python(
         "import sys, hybridlm\n"
         "heavy = sorted(m for m in ('torch', 'transformers') if m in sys.modules)\n"
-        "assert not heavy, f'import hybridlm imported {heavy}'\n"
+        "assert not heavy, f'import hybridlm imported {heavy}'\n",
+        tmp_path,
     )
 
 

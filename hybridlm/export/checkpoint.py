@@ -1,9 +1,10 @@
 """Read any checkpoint we can export or import into our config + state dict (our parameter names).
 
 Sources, found from the path given:
-- a run directory (`out_dir`, holding `checkpoints/` with a `latest` pointer), a DeepSpeed save directory (with
-  `latest`) or one DeepSpeed checkpoint tag directory: ZeRO stage 0-2 model states, or ZeRO-1/2/3 optimizer shards
-  consolidated into fp32 masters with DeepSpeed's own `zero_to_fp32`;
+- a run directory (`out_dir`) or its `checkpoints/`: the newest complete checkpoint, picked as resume picks it; a
+  DeepSpeed save directory (with `latest`) or one DeepSpeed checkpoint tag directory. The weights read are the fp32
+  masters: ZeRO-1/2/3 optimizer shards consolidated with DeepSpeed's own `zero_to_fp32`, or at ZeRO 0 the masters
+  of DeepSpeed's bf16/fp16 optimizer (the module holds their rounded copies), or the module itself in fp32 runs;
 - a Hugging Face directory (config.json + safetensors) in the `hybridlm`, `qwen3_next` or `qwen3_5_moe` format.
 Every read is validated: no missing or truncated shard, tensors that match the config, no NaN or inf.
 """
@@ -13,14 +14,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from hybridlm.config import ConfigError, ModelConfig
-from hybridlm.export.formats import ExportError, format_for_model_type
+from hybridlm.export.formats import ExportError, expected_shapes, expert_layout_of, format_for_model_type
 from hybridlm.model import HybridLM
+from hybridlm.train.checkpoint import CHECKPOINTS, checkpoints_root, complete_checkpoints
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 HYBRIDLM_PREFIX = "model."  # the HF wrapper holds HybridLM as `.model`
@@ -34,6 +37,7 @@ class Checkpoint:
     kind: str  # deepspeed | hybridlm | qwen3_next | qwen3_5_moe
     tokenizer_dir: Path | None = None
     metadata: dict = field(default_factory=dict)  # step, tokens_trained, eval: whatever the source records
+    expert_layout: str | None = None  # a native source's; kept when it is exported to its own format again
 
     def build_model(self) -> HybridLM:
         model = HybridLM(self.config)
@@ -56,24 +60,32 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
 
 
 def _locate(path: Path) -> Path:
-    """The directory that holds the tensors: follow run dir -> checkpoints/ -> latest -> tag."""
+    """The directory that holds the tensors: run dir -> newest complete step_N -> engine/, or a DeepSpeed save
+    directory -> its `latest` tag."""
     for _ in range(5):
         if (path / "config.json").is_file() or any(path.glob("*model_states.pt")):
             return path
         engine_dirs = [d for d in path.iterdir() if d.is_dir() and any(d.glob("*model_states.pt"))]
+        run = path if (path / CHECKPOINTS).is_dir() else path.parent if path.name == CHECKPOINTS else None
+        published = complete_checkpoints(run) if run is not None else []
         if len(engine_dirs) == 1:  # the trainer's step_XXXXXXXX/engine/
             path = engine_dirs[0]
+        elif published:  # not `latest`, which can lag one rename behind (hybridlm/train/checkpoint.py)
+            path = published[-1]
         elif (path / "latest").is_file():
             tag = (path / "latest").read_text().strip()
             if not (path / tag).is_dir():
                 raise ExportError(f"{path / 'latest'} points to {tag!r}, but {path / tag} does not exist")
             path = path / tag
-        elif (path / "checkpoints").is_dir():
-            path = path / "checkpoints"
+        elif run is not None:
+            raise ExportError(
+                f"{run} holds no complete checkpoint in {checkpoints_root(run)} (a save cut short leaves only a "
+                ".tmp- directory); export an earlier run or train until a checkpoint is saved"
+            )
         else:
             break
     raise ExportError(
-        f"no checkpoint found at {str(path)!r}: expected a run directory (with checkpoints/latest), a DeepSpeed "
+        f"no checkpoint found at {str(path)!r}: expected a run directory (with checkpoints/step_N), a DeepSpeed "
         "checkpoint directory (*model_states.pt) or an exported model (config.json + *.safetensors)"
     )
 
@@ -133,8 +145,12 @@ def _read_hf_dir(directory: Path) -> Checkpoint:
             f"{directory / 'config.json'} has model_type={model_type!r}; readable types are 'hybridlm', "
             "'qwen3_next', 'qwen3_5_moe' and 'qwen3_5_moe_text'"
         )
-    config = fmt.model_config(hf)
-    return Checkpoint(config, fmt.to_ours(config, tensors), directory, fmt.name, tokenizer_dir, metadata)
+    try:
+        config = fmt.model_config(hf)
+    except ConfigError as error:  # a value our config refuses, e.g. an odd number of rotary dims
+        raise ExportError(f"cannot import {directory / 'config.json'}: {error}") from error
+    state = fmt.to_ours(config, tensors)
+    return Checkpoint(config, state, directory, fmt.name, tokenizer_dir, metadata, expert_layout_of(tensors))
 
 
 # --- DeepSpeed checkpoints -----------------------------------------------------------------------------------------
@@ -151,21 +167,57 @@ def _read_deepspeed(tag_dir: Path) -> Checkpoint:
 
         try:
             state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
-        except (FileNotFoundError, ValueError, RuntimeError, EOFError, KeyError) as error:
+        except (OSError, EOFError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError) as error:
             raise ExportError(f"cannot consolidate the ZeRO shards in {tag_dir}: {error}") from error
+        state = {_strip_wrappers(k): v for k, v in state.items()}
     else:
-        state = model_states.get("module")
-        if not isinstance(state, dict):
-            raise ExportError(f"{model_states_path} has no 'module' state dict; is it a DeepSpeed checkpoint?")
-    state = {_strip_wrappers(k): v.detach().cpu() for k, v in state.items() if isinstance(v, torch.Tensor)}
+        state = _zero0_masters(model_states, config, model_states_path)
+    state = {k: v.detach().cpu() for k, v in state.items() if isinstance(v, torch.Tensor)}
     metadata = _training_metadata(model_states, tag_dir)
     return Checkpoint(config, state, tag_dir, "deepspeed", _find_tokenizer(tag_dir), metadata)
+
+
+def _zero0_masters(model_states: dict, config: ModelConfig, path: Path) -> dict[str, torch.Tensor]:
+    """A ZeRO-0 checkpoint's weights: `module`, with each parameter replaced by its fp32 master when DeepSpeed's
+    bf16/fp16 optimizer kept one (its `fp32_groups`: per param group, the masters in the group's order)."""
+    module = model_states.get("module")
+    if not isinstance(module, dict):
+        raise ExportError(f"{path} has no 'module' state dict; is it a DeepSpeed checkpoint?")
+    state = {_strip_wrappers(k): v for k, v in module.items()}
+    masters = (model_states.get("optimizer") or {}).get("fp32_groups")
+    if masters is None:  # fp32 training: the module is the master copy
+        return state
+    groups = _optimizer_group_names(config)
+    if [len(names) for names in groups] != [len(group) for group in masters]:
+        raise ExportError(
+            f"{path}: optimizer.fp32_groups holds {[len(g) for g in masters]} masters per param group, the model "
+            f"config's param groups {[len(n) for n in groups]}; the checkpoint does not match its config"
+        )
+    for names, group in zip(groups, masters):
+        for name, master in zip(names, group):
+            weight = state.get(name)
+            # A master rounds to its module weight: refuse a mapping that is off rather than mislabel rounded copies.
+            if weight is None or weight.shape != master.shape or not torch.equal(master.to(weight.dtype), weight):
+                raise ExportError(
+                    f"{path}: the fp32 master for {name} in optimizer.fp32_groups does not round to the module's "
+                    "weight; the checkpoint was not written by hybridlm's trainer with its saved model config"
+                )
+            state[name] = master
+    return state
+
+
+def _optimizer_group_names(config: ModelConfig) -> list[list[str]]:
+    """Parameter names of the trainer's AdamW groups, in order (DeepSpeed drops empty groups)."""
+    with torch.device("meta"):
+        model = HybridLM(config)
+    names = {id(param): name for name, param in model.named_parameters()}
+    return [[names[id(p)] for p in group["params"]] for group in model.param_groups(0.0) if group["params"]]
 
 
 def _torch_load(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
-    except (EOFError, RuntimeError, OSError) as error:
+    except (EOFError, RuntimeError, OSError, pickle.UnpicklingError) as error:
         raise ExportError(f"{path} is truncated or corrupt ({error})") from error
 
 
@@ -253,13 +305,6 @@ def _find_tokenizer(tag_dir: Path) -> Path | None:
 
 
 # --- validation ----------------------------------------------------------------------------------------------------
-
-
-def expected_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
-    """Names and shapes of every tensor of a model built from `cfg` (built on the meta device: no memory)."""
-    with torch.device("meta"):
-        model = HybridLM(cfg)
-    return {name: t.shape for name, t in model.state_dict().items()}
 
 
 def validate_state_dict(cfg: ModelConfig, state: dict[str, torch.Tensor], where: str) -> None:

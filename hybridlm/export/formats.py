@@ -14,9 +14,18 @@ from dataclasses import dataclass
 import torch
 
 from hybridlm.config import AttentionConfig, GatedDeltaNetConfig, ModelConfig, MoEConfig
+from hybridlm.model import HybridLM
 
 Tensors = list[torch.Tensor]
-EXPERT_LAYOUTS = ("fused", "per_expert")
+# Experts as one module each (`experts.{e}.gate_proj.weight`, ...): the layout of the released checkpoints and the
+# one transformers' save_pretrained writes for both families. Import also reads "fused" (`experts.gate_up_proj`).
+DEFAULT_EXPERT_LAYOUT = "per_expert"
+# config.json keys an import cannot do without (the others have transformers' defaults).
+REQUIRED_KEYS = (
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+    "linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim", "linear_value_head_dim",
+    "num_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size",
+)
 
 
 class ExportError(ValueError):
@@ -73,7 +82,7 @@ def _qwen3_next_gdn_rule(ours: str, theirs: str, gdn: GatedDeltaNetConfig) -> Ru
 
 
 def _expert_rule(ours: str, theirs: str, moe: MoEConfig, layout: str) -> Rule:
-    """Our fused experts (gate_up [E,2I,H], down [E,H,I]) <-> fused (transformers 5) or one module per expert."""
+    """Our fused experts (gate_up [E,2I,H], down [E,H,I]) <-> one module per expert, or the same fused tensors."""
     if layout == "fused":
         return Rule(
             (f"{ours}.experts.gate_up_proj", f"{ours}.experts.down_proj"),
@@ -102,7 +111,6 @@ class NativeFormat:
     name: str
     model_type: str  # written into config.json
     architecture: str
-    expert_layout: str  # layout written on export; import accepts either
     dense_layers: bool  # the target has dense-MLP layers (Qwen3-Next's mlp_only_layers)
     grouped_gdn_projection: bool  # Qwen3-Next's in_proj_qkvz / in_proj_ba
     configurable_topk_norm: bool  # Qwen3-Next's norm_topk_prob; Qwen3.5-MoE always renormalises
@@ -138,6 +146,11 @@ class NativeFormat:
             dense = [i for i, t in enumerate(cfg.mlp_types) if t == "dense"]
             problems.append(
                 f"model.mlp_pattern={cfg.mlp_pattern!r} makes layers {dense} dense, but every {self.name} layer is MoE"
+            )
+        if "attention" not in cfg.layer_types:
+            problems.append(
+                f"model.layer_pattern={cfg.layer_pattern!r} has no attention layer, but {self.architecture}'s cache "
+                "needs one (its forward with use_cache and generate fail); add an A to the pattern"
             )
         return problems
 
@@ -199,10 +212,13 @@ class NativeFormat:
             )
         return config
 
-    def model_config(self, hf: dict, **overrides) -> ModelConfig:
+    def model_config(self, hf: dict) -> ModelConfig:
         """Our config from a config.json of this family (nested `text_config` of the multimodal model included)."""
         if "text_config" in hf:
             hf = {**hf["text_config"], "tie_word_embeddings": hf.get("tie_word_embeddings", False)}
+        absent = [key for key in REQUIRED_KEYS if key not in hf]
+        if absent:
+            raise ExportError(f"cannot import this {self.name} checkpoint: config.json lacks {absent}")
         problems = []
         if hf.get("hidden_act", "silu") != "silu":
             problems.append(f"hidden_act={hf['hidden_act']!r}; hybridlm's MLPs use silu")
@@ -264,14 +280,12 @@ class NativeFormat:
                 aux_loss_coef=hf.get("router_aux_loss_coef", 1e-2),
             ),
         )
-        values.update(overrides)
         return ModelConfig(**values)
 
     # --- weights --------------------------------------------------------------------------------------------------
 
-    def rules(self, cfg: ModelConfig, expert_layout: str | None = None) -> list[Rule]:
+    def rules(self, cfg: ModelConfig, expert_layout: str = DEFAULT_EXPERT_LAYOUT) -> list[Rule]:
         """The weight table for `cfg`: our state-dict names <-> this format's, in file order."""
-        layout = expert_layout or self.expert_layout
         rules = [_same("embed_tokens.weight", "model.embed_tokens.weight")]
         for i, (mixer, mlp) in enumerate(zip(cfg.layer_types, cfg.mlp_types)):
             ours, theirs = f"layers.{i}", f"model.layers.{i}"
@@ -291,7 +305,7 @@ class NativeFormat:
             if mlp == "moe":
                 names += ["mlp.gate.weight", "mlp.shared_expert_gate.weight"]
                 names += [f"mlp.shared_expert.{p}.weight" for p in ("gate_proj", "up_proj", "down_proj")]
-                rules.append(_expert_rule(f"{ours}.mlp", f"{theirs}.mlp", cfg.moe, layout))
+                rules.append(_expert_rule(f"{ours}.mlp", f"{theirs}.mlp", cfg.moe, expert_layout))
             else:
                 names += [f"mlp.{p}.weight" for p in ("gate_proj", "up_proj", "down_proj")]
             rules += [_same(f"{ours}.{n}", f"{theirs}.{n}") for n in names]
@@ -300,35 +314,76 @@ class NativeFormat:
             rules.append(_same("lm_head.weight", "lm_head.weight"))
         return rules
 
-    def to_theirs(self, cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        out = {}
-        for rule in self.rules(cfg):
-            converted = rule.to_theirs([state[name] for name in rule.ours])
-            out.update((name, _own_storage(t)) for name, t in zip(rule.theirs, converted))
-        return out
+    def to_theirs(
+        self, cfg: ModelConfig, state: dict[str, torch.Tensor], expert_layout: str = DEFAULT_EXPERT_LAYOUT
+    ) -> dict[str, torch.Tensor]:
+        return _apply(self.rules(cfg, expert_layout), state, forwards=True)
+
+    def their_shapes(self, cfg: ModelConfig, expert_layout: str) -> dict[str, torch.Size]:
+        """Names and shapes of this format's tensors for `cfg` (the rules run on meta tensors: no memory)."""
+        with torch.device("meta"):
+            ours = {name: torch.empty(shape) for name, shape in expected_shapes(cfg).items()}
+            return {name: t.shape for name, t in self.to_theirs(cfg, ours, expert_layout).items()}
 
     def to_ours(self, cfg: ModelConfig, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Our state dict from this format's tensors (either expert layout); lists every missing or extra tensor."""
-        tensors = {_strip_language_model(k): v for k, v in tensors.items() if not _ignored_on_import(k, cfg)}
-        layout = "per_expert" if any(".experts.0." in k for k in tensors) else "fused"
-        rules = self.rules(cfg, layout)
-        expected = {name for rule in rules for name in rule.theirs}
-        missing = sorted(expected - tensors.keys())
-        extra = sorted(tensors.keys() - expected)
-        if missing or extra:
+        """Our state dict from this format's tensors (either expert layout). Refuses, listing each one, tensors that
+        config.json does not call for, lacks or shapes otherwise."""
+        tensors = {_strip_language_model(k): v for k, v in tensors.items() if not _ignored_on_import(k)}
+        if cfg.tie_embeddings and "lm_head.weight" in tensors:
+            head, embedding = tensors.pop("lm_head.weight"), tensors.get("model.embed_tokens.weight")
+            if embedding is not None and not torch.equal(head, embedding):
+                raise ExportError(
+                    f"the {self.name} checkpoint's config.json ties the embeddings (tie_word_embeddings=true), but "
+                    "its lm_head.weight differs from model.embed_tokens.weight; set tie_word_embeddings to false in "
+                    "config.json to keep that head, or delete lm_head.weight to use the embedding"
+                )
+        layout = expert_layout_of(tensors)
+        expected = self.their_shapes(cfg, layout)
+        missing = sorted(expected.keys() - tensors.keys())
+        extra = sorted(tensors.keys() - expected.keys())
+        misshapen = [
+            f"{name} {tuple(tensors[name].shape)}, config.json needs {tuple(shape)}"
+            for name, shape in expected.items()
+            if name in tensors and tensors[name].shape != shape
+        ]
+        if missing or extra or misshapen:
             raise ExportError(
                 f"the {self.name} checkpoint's tensors do not match its config.json:\n"
-                f"  missing ({len(missing)}): {missing[:8]}{' ...' if len(missing) > 8 else ''}\n"
-                f"  unexpected ({len(extra)}): {extra[:8]}{' ...' if len(extra) > 8 else ''}"
+                f"  missing ({len(missing)}): {_some(missing)}\n"
+                f"  unexpected ({len(extra)}): {_some(extra)}\n"
+                f"  misshapen ({len(misshapen)}): {_some(misshapen)}"
             )
-        out = {}
-        for rule in rules:
-            converted = rule.to_ours([tensors[name] for name in rule.theirs])
-            out.update((name, _own_storage(t)) for name, t in zip(rule.ours, converted))
-        return out
+        return _apply(self.rules(cfg, layout), tensors, forwards=False)
 
 
-def _own_storage(t: torch.Tensor) -> torch.Tensor:
+def expected_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
+    """Names and shapes of every tensor of a model built from `cfg` (built on the meta device: no memory)."""
+    with torch.device("meta"):
+        model = HybridLM(cfg)
+    return {name: t.shape for name, t in model.state_dict().items()}
+
+
+def expert_layout_of(names) -> str:
+    """The expert layout of a native checkpoint, from its tensor names."""
+    return "per_expert" if any(".experts.0." in name for name in names) else "fused"
+
+
+def _apply(rules: list[Rule], tensors: dict[str, torch.Tensor], forwards: bool) -> dict[str, torch.Tensor]:
+    """Run every rule ours -> theirs (forwards) or theirs -> ours."""
+    out = {}
+    for rule in rules:
+        source, target, convert = (
+            (rule.ours, rule.theirs, rule.to_theirs) if forwards else (rule.theirs, rule.ours, rule.to_ours)
+        )
+        out.update((name, own_storage(t)) for name, t in zip(target, convert([tensors[n] for n in source])))
+    return out
+
+
+def _some(items: list[str], limit: int = 8) -> str:
+    return f"{items[:limit]}{' ...' if len(items) > limit else ''}"
+
+
+def own_storage(t: torch.Tensor) -> torch.Tensor:
     """A contiguous tensor that is the whole of its storage (safetensors refuses slices of a shared one)."""
     t = t.contiguous()
     return t if t.untyped_storage().nbytes() == t.numel() * t.element_size() else t.clone()
@@ -339,9 +394,9 @@ def _strip_language_model(name: str) -> str:
     return name.replace("model.language_model.", "model.", 1)
 
 
-def _ignored_on_import(name: str, cfg: ModelConfig) -> bool:
-    """Multi-token-prediction heads and the vision tower are not part of our model; a tied head is the embedding."""
-    return name.startswith(("mtp.", "model.visual.", "visual.")) or (cfg.tie_embeddings and name == "lm_head.weight")
+def _ignored_on_import(name: str) -> bool:
+    """Multi-token-prediction heads and the vision tower are not part of our model."""
+    return name.startswith(("mtp.", "model.visual.", "visual."))
 
 
 def _shortest_period(pattern: str) -> str:
@@ -356,7 +411,6 @@ FORMATS = {
         name="qwen3_next",
         model_type="qwen3_next",
         architecture="Qwen3NextForCausalLM",
-        expert_layout="per_expert",  # as the released Qwen3-Next checkpoints
         dense_layers=True,
         grouped_gdn_projection=True,
         configurable_topk_norm=True,
@@ -366,7 +420,6 @@ FORMATS = {
         name="qwen3_5_moe",
         model_type="qwen3_5_moe_text",
         architecture="Qwen3_5MoeForCausalLM",
-        expert_layout="fused",  # transformers 5's own layout
         dense_layers=False,
         grouped_gdn_projection=False,
         configurable_topk_norm=False,

@@ -31,12 +31,30 @@ def _flatten(values: dict, prefix: str = "") -> dict:
     return flat
 
 
+def architecture_fields(cfg: ModelConfig) -> dict:
+    """The flattened config values that decide what the weights are and compute: all but the training-only
+    settings and the sections no layer uses (intermediate_size without a dense layer, moe.* without an MoE layer,
+    attention.* without an attention layer, gdn.* without a GDN layer). Patterns are compared layer by layer."""
+    values = _flatten(dataclasses.asdict(cfg))
+    values["layer_pattern"] = "".join("G" if t == "gated_deltanet" else "A" for t in cfg.layer_types)
+    values["mlp_pattern"] = "".join("M" if t == "moe" else "D" for t in cfg.mlp_types)
+    unused = set(TRAINING_ONLY)
+    if "dense" not in cfg.mlp_types:
+        unused.add("intermediate_size")
+    for section, layer_type in (("moe", "moe"), ("attention", "attention"), ("gdn", "gated_deltanet")):
+        if layer_type not in cfg.mlp_types + cfg.layer_types:
+            unused.update(key for key in values if key.startswith(f"{section}."))
+    return {key: value for key, value in values.items() if key not in unused}
+
+
 def architecture_mismatches(ours: ModelConfig, theirs: ModelConfig) -> list[str]:
-    a, b = _flatten(dataclasses.asdict(ours)), _flatten(dataclasses.asdict(theirs))
-    if ours.layer_types == theirs.layer_types and ours.mlp_types == theirs.mlp_types:
-        for key in ("layer_pattern", "mlp_pattern"):  # GGGA x 2 == GGGAGGGA
-            a.pop(key), b.pop(key)
-    return [f"model.{k}: ours {a[k]!r}, checkpoint {b[k]!r}" for k in a if k not in TRAINING_ONLY and a[k] != b[k]]
+    a, b = architecture_fields(ours), architecture_fields(theirs)
+    keys = list(a) + [k for k in b if k not in a]
+    return [
+        f"model.{k}: ours {a.get(k, '(unused)')!r}, checkpoint {b.get(k, '(unused)')!r}"
+        for k in keys
+        if a.get(k) != b.get(k)
+    ]
 
 
 @torch.no_grad()

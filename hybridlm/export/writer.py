@@ -14,7 +14,7 @@ import torch
 
 from hybridlm.config import ModelConfig
 from hybridlm.export.checkpoint import Checkpoint, read_checkpoint
-from hybridlm.export.formats import FORMATS, ExportError, config_to_dict
+from hybridlm.export.formats import DEFAULT_EXPERT_LAYOUT, FORMATS, ExportError, config_to_dict, own_storage
 
 log = logging.getLogger(__name__)
 
@@ -97,13 +97,19 @@ def write_model_dir(
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in ckpt.state_dict.items()}
     token_ids = _save_tokenizer(ckpt.tokenizer_dir, directory)
     if format == "hybridlm":
-        tensors = {f"model.{name}": t.contiguous() for name, t in state.items()}
+        tensors = {f"model.{name}": own_storage(t) for name, t in state.items()}  # ZeRO gives views of flat groups
         config = _hybridlm_config(cfg, dtype, token_ids, ckpt.metadata)
     else:
-        tensors = FORMATS[format].to_theirs(cfg, state)
+        # Re-exporting a native checkpoint to its own format keeps its expert layout: the same files come out.
+        layout = ckpt.expert_layout if ckpt.kind == format and ckpt.expert_layout else DEFAULT_EXPERT_LAYOUT
+        tensors = FORMATS[format].to_theirs(cfg, state, layout)
         config = _checked_native_config(FORMATS[format].hf_config(cfg, dtype, token_ids), format)
     save_torch_state_dict(tensors, directory, max_shard_size=max_shard_bytes, metadata={"format": "pt"})
     (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if format == "hybridlm":
+        from hybridlm.hf.remote_code import add_remote_code
+
+        add_remote_code(directory)
     if token_ids:
         generation = {"bos_token_id": token_ids.get("bos_token_id"), "eos_token_id": token_ids.get("eos_token_id")}
         (directory / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 from transformers.configuration_utils import PretrainedConfig
 
 from hybridlm.config import ModelConfig
+from hybridlm.hf.remote_code import add_remote_code
 
 MODEL_TYPE = "hybridlm"
 
@@ -36,3 +38,14 @@ class HybridLMConfig(PretrainedConfig):
     @classmethod
     def from_model_config(cls, cfg: ModelConfig, **kwargs) -> HybridLMConfig:
         return cls(model=dataclasses.asdict(cfg), **kwargs)
+
+    def save_pretrained(self, save_directory, *args, **kwargs) -> None:
+        """transformers' save (the model's save_pretrained calls it too), plus the auto_map shims: every saved copy
+        loads with trust_remote_code like the export it came from."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        add_remote_code(Path(save_directory))
+
+    @classmethod
+    def register_for_auto_class(cls, auto_class: str = "AutoConfig") -> None:
+        """Left a no-op: after a trust_remote_code load transformers would otherwise copy this file (not the shim)
+        into every later save and point auto_map at that copy."""
