@@ -7,6 +7,7 @@ head and gated by SiLU(z) before the output projection.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -51,10 +52,13 @@ class GatedDeltaNet(nn.Module):
         cu_seqlens: torch.Tensor | None = None,
         position_in_doc: torch.Tensor | None = None,
         cache: dict | None = None,
+        chunk_layout=None,
     ) -> torch.Tensor:
         """x [B,T,H]. With `cu_seqlens` (B == 1, documents packed along T) neither the conv nor the recurrence
         crosses a document start; `position_in_doc` [B,T] marks those starts for the conv. `cache` (decoding) holds
-        "conv" [B,C,K-1] and "recurrent" [B,HV,K,V] fp32 states and is updated in place."""
+        "conv" [B,C,K-1] and "recurrent" [B,HV,K,V] fp32 states and is updated in place. `chunk_layout`, from
+        `ops.prepare_gdn_chunk_layout(cu_seqlens, T, backend=...)` once per batch, spares the chunked kernels their
+        per-call host sync."""
         cfg = self.cfg
         B, T, _ = x.shape
         conv_state = None if cache is None else cache.get("conv")
@@ -65,7 +69,10 @@ class GatedDeltaNet(nn.Module):
         v = v.reshape(B, T, cfg.num_v_heads, cfg.head_v_dim)
         recurrent_state = None if cache is None else cache.get("recurrent")
         decode = cache is not None and recurrent_state is not None and T <= 4
-        rule = ops.fused_recurrent_gated_delta_rule if decode else ops.chunk_gated_delta_rule
+        if decode:
+            rule = ops.fused_recurrent_gated_delta_rule
+        else:
+            rule = functools.partial(ops.chunk_gated_delta_rule, chunk_layout=chunk_layout)
         o, final_state = rule(
             q,
             k,

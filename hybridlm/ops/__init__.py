@@ -21,26 +21,43 @@ def resolve_backend(backend: str, tensor: torch.Tensor) -> str:
 
 
 def _gate_and_beta(g, beta, a, A_log, dt_bias, b):
-    """g = -exp(A_log) * softplus(a + dt_bias) and beta = sigmoid(b), in fp32, for backends without the fused form."""
+    """g = -exp(A_log) * softplus(a + dt_bias) (dt_bias optional) and beta = sigmoid(b), in fp32, for backends
+    without the fused form."""
     if g is None:
-        g = -A_log.float().exp() * F.softplus(a.float() + dt_bias.float())
+        x = a.float() if dt_bias is None else a.float() + dt_bias.float()
+        g = -A_log.float().exp() * F.softplus(x)
     if beta is None:
         beta = b.float().sigmoid()
     return g, beta
 
 
+def prepare_gdn_chunk_layout(cu_seqlens, seq_len: int, *, backend: str = "auto"):
+    """The chunk layout of packed documents for `chunk_gated_delta_rule(..., chunk_layout=)`, built once per batch
+    (one host sync, instead of one per call); None when the backend needs none (torch, fla) or cu_seqlens is None."""
+    if cu_seqlens is None or resolve_backend(backend, cu_seqlens) != "triton":
+        return None
+    from hybridlm.kernels.gated_delta import prepare_chunk_layout
+
+    return prepare_chunk_layout(cu_seqlens, seq_len)
+
+
 def chunk_gated_delta_rule(q, k, v, g=None, beta=None, *, backend: str = "auto", a=None, A_log=None, dt_bias=None,
-                           b=None, **kwargs):
+                           b=None, chunk_layout=None, **kwargs):
     """Chunked gated delta rule (fla's contract; see kernels/gated_delta). g/beta may be given raw as
-    (a, A_log, dt_bias) and b, which our kernels fuse."""
+    (a, A_log, dt_bias) and b, which our kernels fuse. `chunk_layout` (from `prepare_gdn_chunk_layout`) is used by
+    the Triton backend and ignored by the others."""
     backend = resolve_backend(backend, q)
     if backend == "fla":
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_chunk
 
         g, beta = _gate_and_beta(g, beta, a, A_log, dt_bias, b)
-        return fla_chunk(q, k, v, g.to(q.dtype) if q.dtype != torch.float32 else g, beta.to(q.dtype), **kwargs)
+        # As fla's own layer: the log decay stays fp32 (fla cumsums it; bf16 g loses ~0.4% per token), beta in the
+        # activations' dtype.
+        return fla_chunk(q, k, v, g.float(), beta.to(q.dtype), **kwargs)
     if backend == "triton":
         from hybridlm.kernels.gated_delta import chunk_gated_delta_rule as impl
+
+        kwargs["chunk_layout"] = chunk_layout
     else:
         from hybridlm.kernels.gated_delta.reference import chunk_gated_delta_rule_ref as impl
     return impl(q, k, v, g=g, beta=beta, a=a, A_log=A_log, dt_bias=dt_bias, b=b, **kwargs)

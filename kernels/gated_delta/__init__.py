@@ -4,7 +4,7 @@ Triton itself imports on any machine; the kernels run on CUDA, or on CPU when TR
 triton was first imported. The references run anywhere.
 """
 
-from .chunk import chunk_gated_delta_rule
+from .chunk import ChunkLayout, chunk_gated_delta_rule, prepare_chunk_layout
 from .recurrent import fused_recurrent_gated_delta_rule
 from .reference import (
     chunk_gated_delta_rule_ref,
@@ -13,7 +13,9 @@ from .reference import (
 )
 
 __all__ = [
+    "ChunkLayout",
     "chunk_gated_delta_rule",
+    "prepare_chunk_layout",
     "fused_recurrent_gated_delta_rule",
     "chunk_gated_delta_rule_ref",
     "fused_recurrent_gated_delta_rule_ref",

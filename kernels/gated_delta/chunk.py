@@ -1,22 +1,31 @@
 """`chunk_gated_delta_rule`: the Triton chunked gated delta rule as an autograd Function (fla 0.6 compatible).
 
-Forward: prepare (gate cumsum, beta, WY) -> state pass -> output. Backward recomputes prepare and the state pass from
-the saved inputs (per-chunk states only, never per-token K x V states), runs the reverse state pass, then the
-per-chunk gradient kernel. Grouped value heads: kernels run per value head; q/k gradients are summed per group here.
+Forward: prepare (gate cumsum, WY) -> state pass -> output. Backward recomputes prepare and the state pass from the
+saved inputs (per-chunk states only, never per-token K x V states), then runs the local dv, reverse state pass,
+output-gradient, WY-gradient and q/k-gradient kernels (see backward.py). Grouped value heads: kernels run per value
+head; q/k gradients are summed per group in the last kernel.
+
+Host synchronisation: none without cu_seqlens. With it, `prepare_chunk_layout` builds the chunk list on the device
+and reads back one pair of numbers (chunk count, validity); build it once per batch and pass it as `chunk_layout`
+to every layer, and no call synchronises.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 
-from .backward import chunk_grads_kernel, state_backward_kernel
+from .backward import local_dv_kernel, output_grads_kernel, qk_grads_kernel, state_backward_kernel, wy_backward_kernel
 from .forward import output_kernel, prepare_wy_kernel, state_forward_kernel
-from .inputs import L2NORM_EPS, GatedDeltaDims, check_gated_delta_inputs, l2_normalize, sequence_bounds
+from .inputs import GatedDeltaDims, check_gated_delta_inputs, cu_seqlens_violation, raise_bad_cu_seqlens
 from .triton_common import CHUNK, INTERPRET
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
+# K block of the kernels that loop over K (the state kernels hold all of K).
+K_BLOCK = 64
 
 
 def check_triton_inputs(q, k, v, dims: GatedDeltaDims) -> None:
@@ -40,147 +49,255 @@ def tile_size(dim: int) -> int:
     return max(16, triton.next_power_of_2(dim))  # tl.dot needs every side >= 16
 
 
+@dataclass(frozen=True)
 class ChunkLayout:
-    """Documents as token ranges of the flattened batch, and the flat list of 64-token chunks over them."""
+    """Documents of one call as 64-token chunks. Build it with `prepare_chunk_layout`.
 
-    def __init__(self, cu_seqlens: torch.Tensor | None, batch: int, seq_len: int, device: torch.device):
-        if cu_seqlens is None:
-            bounds = [(n * seq_len, (n + 1) * seq_len) for n in range(batch)]
-        else:
-            bounds = sequence_bounds(cu_seqlens, seq_len)
-        chunks_per_doc = [triton.cdiv(end - start, CHUNK) for start, end in bounds]
-        offsets = [0]
-        for count in chunks_per_doc:
-            offsets.append(offsets[-1] + count)
-        info = [(n, t) for n, count in enumerate(chunks_per_doc) for t in range(count)]
-        self.num_docs = len(bounds)
-        self.num_chunks = offsets[-1]
-        self.cu_seqlens = torch.tensor([0] + [end for _, end in bounds], dtype=torch.int32, device=device)
-        self.chunk_offsets = torch.tensor(offsets[:-1], dtype=torch.int32, device=device)
-        self.chunk_info = torch.tensor(info or [(0, 0)], dtype=torch.int32, device=device).flatten()
+    Without cu_seqlens the B rows of T tokens are the documents and the kernels derive everything from program ids;
+    with it, the device tensors below give each flat chunk its document (as fla's `chunk_indices`).
+    """
 
+    seq_len: int  # T: tokens per batch row (all packed documents with cu_seqlens)
+    num_docs: int
+    num_chunks: int
+    cu_seqlens: torch.Tensor | None = None  # [N + 1] int32
+    chunk_indices: torch.Tensor | None = None  # [num_chunks, 2] int32: (document, chunk within the document)
+    chunk_offsets: torch.Tensor | None = None  # [N] int32: first flat chunk of each document
 
-def _meta(dims: GatedDeltaDims, dtype: torch.dtype, use_l2norm: bool) -> dict:
-    return dict(
-        H=dims.num_qk_heads, HV=dims.num_v_heads, K=dims.head_k_dim, V=dims.head_v_dim,
-        BK=tile_size(dims.head_k_dim), BT=CHUNK, L2NORM=use_l2norm,
-        DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
-    )
+    @property
+    def is_varlen(self) -> bool:
+        return self.cu_seqlens is not None
+
+    @property
+    def chunks_per_row(self) -> int:
+        return triton.cdiv(self.seq_len, CHUNK)
+
+    def kernel_args(self) -> dict:
+        return dict(T=self.seq_len, NT=self.chunks_per_row, IS_VARLEN=self.is_varlen)
 
 
-def _prepare_and_state_pass(q, k, v, gate_args, beta_args, initial_state, layout, dims, meta, store_final_state):
+def dense_layout(batch: int, seq_len: int) -> ChunkLayout:
+    """B rows of T tokens: nothing on the device."""
+    return ChunkLayout(seq_len, batch, batch * triton.cdiv(seq_len, CHUNK))
+
+
+def prepare_chunk_layout(cu_seqlens: torch.Tensor, seq_len: int) -> ChunkLayout:
+    """The chunk layout of documents packed along T by `cu_seqlens` [N + 1]; checks the values on the device.
+
+    One device-to-host read (the chunk count and the check's result). Build it once per batch and pass it as
+    `chunk_layout=` to every `chunk_gated_delta_rule` call on that batch.
+    """
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(
+            f"cu_seqlens must be a 1-D int32/int64 tensor [N+1] with N >= 1, got shape {tuple(cu_seqlens.shape)} "
+            f"and dtype {cu_seqlens.dtype}"
+        )
+    bounds = cu_seqlens.to(torch.int64)
+    chunk_counts = (bounds[1:] - bounds[:-1] + CHUNK - 1) // CHUNK
+    chunk_ends = chunk_counts.cumsum(0)
+    num_chunks, bad = torch.stack([chunk_ends[-1], cu_seqlens_violation(bounds, seq_len).to(torch.int64)]).tolist()
+    if bad:
+        raise_bad_cu_seqlens(cu_seqlens, seq_len)
+    chunk_offsets = chunk_ends - chunk_counts
+    flat = torch.arange(num_chunks, device=cu_seqlens.device)
+    document = torch.searchsorted(chunk_ends, flat, right=True)
+    chunk_indices = torch.stack([document, flat - chunk_offsets[document]], dim=1).to(torch.int32)
+    return ChunkLayout(seq_len, cu_seqlens.numel() - 1, num_chunks, cu_seqlens.to(torch.int32), chunk_indices,
+                       chunk_offsets.to(torch.int32))
+
+
+def _check_layout(layout: ChunkLayout, cu_seqlens: torch.Tensor | None, dims: GatedDeltaDims, device) -> None:
+    if not isinstance(layout, ChunkLayout):
+        raise ValueError(f"chunk_layout must come from prepare_chunk_layout, got {type(layout).__name__}")
+    if layout.seq_len != dims.seq_len or (layout.is_varlen and layout.cu_seqlens.device != device):
+        raise ValueError(
+            f"chunk_layout was built for T={layout.seq_len} on {layout.cu_seqlens.device if layout.is_varlen else '-'}"
+            f", but q has T={dims.seq_len} on {device}; build it from this batch's cu_seqlens"
+        )
+    if not layout.is_varlen:
+        raise ValueError("chunk_layout is only for packed input: pass the layout of cu_seqlens, or neither")
+    if cu_seqlens is not None and cu_seqlens.numel() != layout.num_docs + 1:
+        raise ValueError(
+            f"cu_seqlens has {cu_seqlens.numel() - 1} documents but chunk_layout {layout.num_docs}; build the layout "
+            "from the same cu_seqlens"
+        )
+
+
+def token_rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """x [B, T, heads, D] and its token stride, for kernels that read x[row, head, d] at row * stride + head * D + d.
+
+    Views such as the layer's split of one qkv projection qualify as they are; anything else is copied once.
+    """
+    B, T, heads, D = x.shape
+    if not (x.stride(3) == 1 and x.stride(2) == D and (B == 1 or x.stride(0) == T * x.stride(1))):
+        x = x.contiguous()
+    return x, x.stride(1)
+
+
+def _contiguous(x: torch.Tensor | None) -> torch.Tensor | None:
+    return None if x is None else x.contiguous()
+
+
+@dataclass
+class _Call:
+    """Everything one forward or backward launches with: inputs as the kernels read them, sizes, layout, flags."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    strides: dict
+    gate: dict  # g, a, A_log, dt_bias
+    beta: dict  # beta, b
+    layout: ChunkLayout
+    dims: GatedDeltaDims
+    use_l2norm: bool
+
+    @property
+    def tokens(self) -> int:
+        return self.dims.batch * self.dims.seq_len
+
+    def meta(self) -> dict:
+        """Constexprs and sizes every kernel takes."""
+        fp32 = self.q.dtype == torch.float32
+        d = self.dims
+        return dict(H=d.num_qk_heads, HV=d.num_v_heads, K=d.head_k_dim, V=d.head_v_dim, BT=CHUNK,
+                    L2NORM=self.use_l2norm, DOT_PRECISION="ieee" if fp32 else "tf32", **self.layout.kernel_args())
+
+    def chunk_args(self) -> tuple:
+        return self.layout.cu_seqlens, self.layout.chunk_indices
+
+    def document_args(self) -> tuple:
+        return self.layout.cu_seqlens, self.layout.chunk_offsets
+
+
+def _prepare_and_state_pass(call: _Call, initial_state, store_final_state: bool, store_q_rnorm: bool):
     """Prepare kernel then forward state pass; returns everything later kernels read."""
-    tokens, HV, K, V = q.shape[0], dims.num_v_heads, dims.head_k_dim, dims.head_v_dim
-    f32 = dict(device=q.device, dtype=torch.float32)
-    G = torch.empty(tokens, HV, **f32)
-    beta_act = torch.empty(tokens, HV, **f32)
+    d, layout = call.dims, call.layout
+    HV, K, V, tokens = d.num_v_heads, d.head_k_dim, d.head_v_dim, call.tokens
+    device = call.q.device
+    f32 = dict(device=device, dtype=torch.float32)
+    G = torch.empty(tokens, HV, device=device, dtype=torch.float64)
     Ainv = torch.empty(tokens, HV, CHUNK, **f32)
-    w = torch.empty(tokens, HV, K, device=q.device, dtype=q.dtype)
-    u = torch.empty(tokens, HV, V, device=q.device, dtype=q.dtype)
-    g, a, A_log, dt_bias = gate_args
-    beta, b = beta_args
+    w = torch.empty(tokens, HV, K, device=device, dtype=call.q.dtype)
+    u = torch.empty(tokens, HV, V, device=device, dtype=call.q.dtype)
+    k_rnorm = torch.empty(tokens, d.num_qk_heads, **f32) if call.use_l2norm else None
+    q_rnorm = torch.empty(tokens, d.num_qk_heads, **f32) if store_q_rnorm and call.use_l2norm else None
+    meta = call.meta()
     if layout.num_chunks:
         prepare_wy_kernel[(layout.num_chunks, HV)](
-            k, v, g, beta, a, A_log, dt_bias, b, layout.cu_seqlens, layout.chunk_info,
-            G, beta_act, Ainv, w, u,
-            GATE_FROM_RAW=g is None, HAS_DT_BIAS=dt_bias is not None, BETA_FROM_RAW=beta is None,
+            call.q, call.k, call.v, **call.gate, **call.beta, cu_seqlens=layout.cu_seqlens,
+            chunk_indices=layout.chunk_indices, G_out=G, Ainv_out=Ainv, w_out=w, u_out=u, q_rnorm_out=q_rnorm,
+            k_rnorm_out=k_rnorm,
+            stride_q=call.strides["q"], stride_k=call.strides["k"], stride_v=call.strides["v"],
+            BK=min(K_BLOCK, tile_size(K)),
+            GATE_FROM_RAW=call.gate["g"] is None, HAS_DT_BIAS=call.gate["dt_bias"] is not None,
+            BETA_FROM_RAW=call.beta["beta"] is None, STORE_Q_RNORM=q_rnorm is not None,
+            INVERSE_PRECISION="ieee" if call.q.dtype == torch.float32 else "tf32",
             **meta,
         )
-    chunk_states = torch.empty(max(layout.num_chunks, 1), HV, K, V, device=q.device, dtype=q.dtype)
+    chunk_states = torch.empty(max(layout.num_chunks, 1), HV, K, V, device=device, dtype=call.q.dtype)
     v_new = torch.empty_like(u)
     final_state = torch.empty(layout.num_docs, HV, K, V, **f32) if store_final_state else None
-    state_forward_kernel[lambda m: (triton.cdiv(V, m["BV"]), layout.num_docs * HV)](
-        k, w, u, G, initial_state, layout.cu_seqlens, layout.chunk_offsets, chunk_states, v_new, final_state,
+    state_forward_kernel[lambda m: (layout.num_docs * HV, triton.cdiv(V, m["BV"]))](
+        call.k, w, u, G, k_rnorm, initial_state, *call.document_args(), chunk_states, v_new, final_state,
+        stride_k=call.strides["k"], BK=tile_size(K),
         HAS_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=store_final_state,
         **meta,
     )
-    return G, beta_act, Ainv, w, chunk_states, v_new, final_state
+    return dict(G=G, Ainv=Ainv, w=w, k_rnorm=k_rnorm, q_rnorm=q_rnorm, chunk_states=chunk_states, v_new=v_new,
+                final_state=final_state)
 
 
-def _flat(x: torch.Tensor | None) -> torch.Tensor | None:
-    """[B, T, ...] -> contiguous [B*T, ...]."""
-    return None if x is None else x.contiguous().flatten(0, 1)
-
-
-def _kernel_inputs(q, k, v, g, beta, a, A_log, dt_bias, b, initial_state):
-    """Flat contiguous q, k, v, the gate arguments (g, a, A_log, dt_bias), beta arguments (beta, b), initial state."""
-    contiguous = [None if t is None else t.contiguous() for t in (A_log, dt_bias, initial_state)]
-    return (_flat(q), _flat(k), _flat(v), (_flat(g), _flat(a), contiguous[0], contiguous[1]), (_flat(beta), _flat(b)),
-            contiguous[2])
-
-
-def _l2norm_backward(x: torch.Tensor, grad_normalised: torch.Tensor) -> torch.Tensor:
-    """Gradient through y = x / sqrt(|x|^2 + eps), given dL/dy."""
-    x = x.float()
-    y = l2_normalize(x)
-    rstd = torch.rsqrt((x * x).sum(-1, keepdim=True) + L2NORM_EPS)
-    return (grad_normalised - (grad_normalised * y).sum(-1, keepdim=True) * y) * rstd
+def _chunk_blocks_grid(num_chunks: int, blocks, HV: int):
+    """Grid (blocks x chunks, HV) with a chunk's blocks adjacent; `blocks(meta)` may depend on the config."""
+    return lambda m: (blocks(m) * num_chunks, HV)
 
 
 class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, beta, a, A_log, dt_bias, b, initial_state, layout, dims, output_final_state,
                 use_l2norm):
-        B, T = q.shape[:2]
-        qf, kf, vf, gate_args, beta_args, h0 = _kernel_inputs(q, k, v, g, beta, a, A_log, dt_bias, b, initial_state)
-        meta = _meta(dims, q.dtype, use_l2norm)
-        G, _, _, _, chunk_states, v_new, final_state = _prepare_and_state_pass(
-            qf, kf, vf, gate_args, beta_args, h0, layout, dims, meta, output_final_state
-        )
-        o = torch.empty_like(vf, dtype=q.dtype)
+        (q, stride_q), (k, stride_k), (v, stride_v) = token_rows(q), token_rows(k), token_rows(v)
+        gate = dict(g=_contiguous(g), a=_contiguous(a), A_log=_contiguous(A_log), dt_bias=_contiguous(dt_bias))
+        beta_args = dict(beta=_contiguous(beta), b=_contiguous(b))
+        h0 = _contiguous(initial_state)
+        call = _Call(q, k, v, dict(q=stride_q, k=stride_k, v=stride_v), gate, beta_args, layout, dims, use_l2norm)
+        state = _prepare_and_state_pass(call, h0, output_final_state, store_q_rnorm=False)
+        HV, V = dims.num_v_heads, dims.head_v_dim
+        o = torch.empty(call.tokens, HV, V, device=q.device, dtype=q.dtype)
         if layout.num_chunks:
-            output_kernel[lambda m: (triton.cdiv(dims.head_v_dim, m["BV"]), layout.num_chunks, dims.num_v_heads)](
-                qf, kf, v_new, G, chunk_states, layout.cu_seqlens, layout.chunk_info, o, dims.scale, **meta
+            output_kernel[_chunk_blocks_grid(layout.num_chunks, lambda m: triton.cdiv(V, m["BV"]), HV)](
+                q, k, state["v_new"], state["G"], state["k_rnorm"], state["chunk_states"], *call.chunk_args(),
+                o, dims.scale, stride_q=stride_q, stride_k=stride_k, BK=min(K_BLOCK, tile_size(dims.head_k_dim)),
+                **call.meta(),
             )
-        ctx.save_for_backward(q, k, v, g, beta, a, A_log, dt_bias, b, initial_state)
-        ctx.layout, ctx.dims, ctx.use_l2norm = layout, dims, use_l2norm
-        return o.view(B, T, dims.num_v_heads, dims.head_v_dim), final_state
+        # The kernel-ready views (copies only where the input's strides needed one): the backward copies nothing.
+        ctx.save_for_backward(q, k, v, *gate.values(), *beta_args.values(), h0)
+        ctx.strides, ctx.layout, ctx.dims, ctx.use_l2norm = call.strides, layout, dims, use_l2norm
+        return o.view(dims.batch, dims.seq_len, HV, V), state["final_state"]
 
     @staticmethod
     def backward(ctx, do, d_final_state):
-        q, k, v, g, beta, a, A_log, dt_bias, b, initial_state = ctx.saved_tensors
-        layout, dims, use_l2norm = ctx.layout, ctx.dims, ctx.use_l2norm
-        HV, K, V = dims.num_v_heads, dims.head_k_dim, dims.head_v_dim
-        qf, kf, vf, gate_args, beta_args, h0 = _kernel_inputs(q, k, v, g, beta, a, A_log, dt_bias, b, initial_state)
-        meta = _meta(dims, q.dtype, use_l2norm)
-        G, beta_act, Ainv, w, chunk_states, v_new, _ = _prepare_and_state_pass(
-            qf, kf, vf, gate_args, beta_args, h0, layout, dims, meta, False
-        )
-        do = _flat(do).to(q.dtype)
-        tokens = qf.shape[0]
+        q, k, v, g, a, A_log, dt_bias, beta, b, h0 = ctx.saved_tensors
+        gate, beta_args = dict(g=g, a=a, A_log=A_log, dt_bias=dt_bias), dict(beta=beta, b=b)
+        layout, dims = ctx.layout, ctx.dims
+        call = _Call(q, k, v, ctx.strides, gate, beta_args, layout, dims, ctx.use_l2norm)
+        H, HV, K, V, tokens = dims.num_qk_heads, dims.num_v_heads, dims.head_k_dim, dims.head_v_dim, call.tokens
         f32 = dict(device=q.device, dtype=torch.float32)
-        d_chunk_states = torch.empty_like(chunk_states)
-        dv_new = torch.empty_like(v_new)
-        d_initial_state = torch.empty_like(h0, dtype=torch.float32) if h0 is not None else None
-        has_d_final = d_final_state is not None
-        state_backward_kernel[lambda m: (triton.cdiv(V, m["BV"]), layout.num_docs * HV)](
-            qf, kf, w, G, do, d_final_state.contiguous() if has_d_final else None,
-            layout.cu_seqlens, layout.chunk_offsets, d_chunk_states, dv_new, d_initial_state, dims.scale,
-            HAS_D_FINAL_STATE=has_d_final, STORE_D_INITIAL_STATE=h0 is not None,
-            **meta,
-        )
-        dq_heads = torch.zeros(tokens, HV, K, **f32)
-        dk_heads = torch.zeros(tokens, HV, K, **f32)
-        dv = torch.empty_like(vf)
-        dgate = torch.zeros(tokens, HV, **f32)
-        dbeta = torch.zeros(tokens, HV, **f32)
-        dA_log_partial = torch.zeros(max(layout.num_chunks, 1), HV, **f32)
+        meta = call.meta()
+        state = _prepare_and_state_pass(call, h0, False, store_q_rnorm=True)
+        do = do.reshape(tokens, HV, V).to(q.dtype).contiguous()
+        k_block = min(K_BLOCK, tile_size(K))
+        common = dict(stride_q=ctx.strides["q"], stride_k=ctx.strides["k"], **meta)
+
+        dv_new = torch.empty_like(state["v_new"])
         if layout.num_chunks:
-            chunk_grads_kernel[(layout.num_chunks, HV)](
-                qf, kf, vf, gate_args[1], gate_args[2], gate_args[3], beta_args[1],
-                G, beta_act, Ainv, chunk_states, v_new, d_chunk_states, dv_new, do,
-                layout.cu_seqlens, layout.chunk_info,
-                dq_heads, dk_heads, dv, dgate, dbeta, dA_log_partial, dims.scale,
-                GATE_FROM_RAW=g is None, HAS_DT_BIAS=dt_bias is not None, BETA_FROM_RAW=beta is None,
-                **meta,
+            local_dv_kernel[_chunk_blocks_grid(layout.num_chunks, lambda m: triton.cdiv(V, m["BV"]), HV)](
+                q, k, state["G"], state["q_rnorm"], state["k_rnorm"], do, *call.chunk_args(), dv_new, dims.scale,
+                BK=k_block, **common,
             )
-        else:
-            dv.zero_()
-        group = HV // dims.num_qk_heads
-        dq = dq_heads.view(tokens, dims.num_qk_heads, group, K).sum(2) * dims.scale
-        dk = dk_heads.view(tokens, dims.num_qk_heads, group, K).sum(2)
-        if use_l2norm:
-            dq, dk = _l2norm_backward(qf, dq), _l2norm_backward(kf, dk)
+        d_chunk_states = torch.empty_like(state["chunk_states"])
+        d_initial_state = torch.empty_like(h0, dtype=torch.float32) if h0 is not None else None
+        state_backward_kernel[lambda m: (layout.num_docs * HV, triton.cdiv(V, m["BV"]))](
+            q, k, state["w"], state["G"], state["q_rnorm"], state["k_rnorm"], do,
+            None if d_final_state is None else d_final_state.contiguous(), *call.document_args(),
+            d_chunk_states, dv_new, d_initial_state, dims.scale,
+            BK=tile_size(K), HAS_D_FINAL_STATE=d_final_state is not None, STORE_D_INITIAL_STATE=h0 is not None,
+            **common,
+        )
+
+        num_k_blocks = triton.cdiv(K, k_block)
+        dq_heads = torch.empty(tokens, HV, K, **f32)
+        dk_heads = torch.empty(tokens, HV, K, **f32)
+        dw = torch.empty_like(state["w"])
+        dgate_partial = torch.empty(tokens, HV, num_k_blocks, **f32)
+        dv = torch.empty(tokens, HV, V, device=q.device, dtype=v.dtype)
+        dgate = torch.empty(tokens, HV, **f32)
+        dbeta = torch.empty(tokens, HV, **f32)
+        dA_log_partial = torch.empty(max(layout.num_chunks, 1), HV, **f32)
+        if layout.num_chunks:
+            output_grads_kernel[(num_k_blocks * layout.num_chunks, HV)](
+                q, k, state["G"], state["q_rnorm"], state["k_rnorm"], state["chunk_states"], state["v_new"],
+                d_chunk_states, dv_new, do, *call.chunk_args(),
+                dq_heads, dk_heads, dw, dgate_partial, dims.scale, BK=k_block, **common,
+            )
+            wy_backward_kernel[(layout.num_chunks, HV)](
+                k, v, beta, a, A_log, dt_bias, b, state["G"], state["k_rnorm"], state["Ainv"], dw, dv_new, dgate_partial,
+                *call.chunk_args(), dk_heads, dv, dgate, dbeta, dA_log_partial,
+                stride_k=ctx.strides["k"], stride_v=ctx.strides["v"], NUM_K_BLOCKS=num_k_blocks, BK=k_block,
+                GATE_FROM_RAW=g is None, HAS_DT_BIAS=dt_bias is not None, BETA_FROM_RAW=beta is None, **meta,
+            )
+        dq = torch.empty(tokens, H, K, device=q.device, dtype=q.dtype)
+        dk = torch.empty(tokens, H, K, device=q.device, dtype=k.dtype)
+        for x, x_rnorm, grads, out, factor, stride in ((q, state["q_rnorm"], dq_heads, dq, dims.scale, ctx.strides["q"]),
+                                                       (k, state["k_rnorm"], dk_heads, dk, 1.0, ctx.strides["k"])):
+            if tokens:
+                qk_grads_kernel[lambda m: (triton.cdiv(tokens, m["BLOCK_T"]), H)](
+                    x, x_rnorm, grads, out, factor, stride, tokens, H, HV, K=K, BK=tile_size(K),
+                    L2NORM=ctx.use_l2norm,
+                )
+
+        B, T = dims.batch, dims.seq_len
 
         def shaped(grad, like):
             return None if like is None else grad.view(like.shape).to(like.dtype)
@@ -195,8 +312,8 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
                 d_dt_bias = dgate.sum(0).to(dt_bias.dtype)
         dbeta_input, db = (shaped(dbeta, beta), None) if beta is not None else (None, shaped(dbeta, b))
         return (
-            shaped(dq, q), shaped(dk, k), shaped(dv, v), dg, dbeta_input, da, dA_log, d_dt_bias, db,
-            shaped(d_initial_state, initial_state), None, None, None, None,
+            dq.view(B, T, H, K), dk.view(B, T, H, K), dv.view(B, T, HV, V), dg, dbeta_input, da, dA_log, d_dt_bias,
+            db, shaped(d_initial_state, h0), None, None, None, None,
         )
 
 
@@ -216,17 +333,28 @@ def chunk_gated_delta_rule(
     A_log: torch.Tensor | None = None,
     dt_bias: torch.Tensor | None = None,
     b: torch.Tensor | None = None,
+    chunk_layout: ChunkLayout | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Chunked gated delta rule (Triton), same contract as fla 0.6's `chunk_gated_delta_rule`.
 
     q, k [B, T, H, K]; v [B, T, HV, V] (HV a multiple of H); g (log decay) and beta [B, T, HV], or raw `a, A_log,
     dt_bias` (g = -exp(A_log) softplus(a + dt_bias)) and `b` (beta = sigmoid(b)); initial/final states
-    [N, HV, K, V] fp32; cu_seqlens [N+1] packs N documents along T (B == 1). Returns (o in q's dtype, final state
-    or None). Differentiable w.r.t. every tensor input.
+    [N, HV, K, V] fp32; cu_seqlens [N+1] packs N documents along T (B == 1). `chunk_layout`, from
+    `prepare_chunk_layout(cu_seqlens, T)`, saves the one host sync a packed call otherwise makes (cu_seqlens may
+    then be omitted). Returns (o in q's dtype, final state or None). Differentiable w.r.t. every tensor input.
     """
-    dims = check_gated_delta_inputs(q, k, v, g, beta, scale, initial_state, cu_seqlens, a, A_log, dt_bias, b)
+    if chunk_layout is not None and cu_seqlens is None:
+        cu_seqlens = chunk_layout.cu_seqlens
+    dims = check_gated_delta_inputs(q, k, v, g, beta, scale, initial_state, cu_seqlens, a, A_log, dt_bias, b,
+                                    check_cu_seqlens_values=False)
     check_triton_inputs(q, k, v, dims)
-    layout = ChunkLayout(cu_seqlens, dims.batch, dims.seq_len, q.device)
+    if chunk_layout is not None:
+        _check_layout(chunk_layout, cu_seqlens, dims, q.device)
+        layout = chunk_layout
+    elif cu_seqlens is not None:
+        layout = prepare_chunk_layout(cu_seqlens, dims.seq_len)
+    else:
+        layout = dense_layout(dims.batch, dims.seq_len)
     return ChunkGatedDeltaRuleFunction.apply(
         q, k, v, g, beta, a, A_log, dt_bias, b, initial_state, layout, dims, output_final_state,
         use_qk_l2norm_in_kernel,

@@ -55,10 +55,12 @@ def check_gated_delta_inputs(
     A_log: torch.Tensor | None,
     dt_bias: torch.Tensor | None,
     b: torch.Tensor | None,
+    check_cu_seqlens_values: bool = True,
 ) -> GatedDeltaDims:
     """Validate the arguments of `chunk_gated_delta_rule` / `fused_recurrent_gated_delta_rule`.
 
-    Raises ValueError naming the bad argument and the fix. Reads `cu_seqlens` values (one host sync on GPU).
+    Raises ValueError naming the bad argument and the fix. Reads the `cu_seqlens` values (a host sync on GPU) unless
+    `check_cu_seqlens_values` is False, where the caller checks them on the device (`cu_seqlens_violation`).
     """
     for name, tensor in (("q", q), ("k", k), ("v", v)):
         if tensor.dim() != 4:
@@ -106,10 +108,11 @@ def check_gated_delta_inputs(
             raise ValueError(f"cu_seqlens must be 1-D [N+1] with N >= 1, got shape {tuple(cu_seqlens.shape)}")
         if cu_seqlens.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"cu_seqlens has dtype {cu_seqlens.dtype}; pass torch.int32 or torch.int64")
-        bounds = cu_seqlens.tolist()
-        if bounds[0] != 0 or bounds[-1] != T or any(e < s for s, e in zip(bounds, bounds[1:])):
-            raise ValueError(f"cu_seqlens must rise from 0 to T={T} without decreasing, got {bounds}")
-        N = len(bounds) - 1
+        if check_cu_seqlens_values:
+            bounds = cu_seqlens.tolist()
+            if bounds[0] != 0 or bounds[-1] != T or any(e < s for s, e in zip(bounds, bounds[1:])):
+                raise_bad_cu_seqlens(cu_seqlens, T)
+        N = cu_seqlens.numel() - 1
     else:
         N = B
 
@@ -124,6 +127,15 @@ def check_gated_delta_inputs(
     if scale is None:
         scale = K**-0.5
     return GatedDeltaDims(B, T, H, HV, K, V, N, float(scale))
+
+
+def raise_bad_cu_seqlens(cu_seqlens: torch.Tensor, seq_len: int):
+    raise ValueError(f"cu_seqlens must rise from 0 to T={seq_len} without decreasing, got {cu_seqlens.tolist()}")
+
+
+def cu_seqlens_violation(cu_seqlens: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Device-side bool: True unless cu_seqlens rises from 0 to seq_len without decreasing (no host sync)."""
+    return (cu_seqlens[0] != 0) | (cu_seqlens[-1] != seq_len) | (cu_seqlens[1:] < cu_seqlens[:-1]).any()
 
 
 def sequence_bounds(cu_seqlens: torch.Tensor | None, seq_len: int) -> list[tuple[int, int]]:

@@ -2,6 +2,8 @@
 
 One program per (document, value head, V block) keeps its [K, BV] slice of the fp32 state in registers and walks the
 document's tokens: S <- exp(g) S; S += k (beta (v - S^T k))^T; o = scale S^T q. Same contract as the chunked one.
+No host synchronisation: documents come from cu_seqlens on the device (or are the B rows), and its values are not
+read on the host for CUDA tensors (decoding calls this once per token; the prefill's chunked call checks them).
 """
 
 from __future__ import annotations
@@ -10,27 +12,32 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunk import ChunkLayout, check_triton_inputs, tile_size
+from .chunk import check_triton_inputs, tile_size
 from .inputs import check_gated_delta_inputs
-from .triton_common import L2NORM_EPS, autotune, config_grid, softplus
+from .triton_common import L2NORM_EPS, autotune, config_grid, softplus, state_fits
 
 
-@autotune(configs=config_grid({"BV": (32, 16, 64)}, warps=(1, 2, 4), stages=(1, 2)), key=["H", "HV", "K", "V"])
-@triton.jit(do_not_specialize=["H", "HV"])
+@autotune(configs=config_grid({"BV": (32, 16, 64)}, warps=(1, 2, 4), stages=(1,)), key=["H", "HV", "K", "V"],
+          allowed=state_fits(128, rows_per_warp=256))
+@triton.jit(do_not_specialize=["T", "H", "HV"])
 def recurrent_kernel(
     q, k, v, g, beta, a, A_log, dt_bias, b, initial_state,
     cu_seqlens,
     o, final_state, scale,
-    H, HV,
+    T, H, HV,
     K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     GATE_FROM_RAW: tl.constexpr, HAS_DT_BIAS: tl.constexpr, BETA_FROM_RAW: tl.constexpr, L2NORM: tl.constexpr,
-    HAS_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr,
+    HAS_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_nh, i_v = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     i_n, i_hv = i_nh // HV, i_nh % HV
     i_h = i_hv // (HV // H)
-    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    else:
+        bos = i_n * T
+        eos = bos + T
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_k, m_v = o_k < K, o_v < V
@@ -92,7 +99,8 @@ def fused_recurrent_gated_delta_rule(
 
     Same arguments and results as `chunk_gated_delta_rule`; use that one for training.
     """
-    dims = check_gated_delta_inputs(q, k, v, g, beta, scale, initial_state, cu_seqlens, a, A_log, dt_bias, b)
+    dims = check_gated_delta_inputs(q, k, v, g, beta, scale, initial_state, cu_seqlens, a, A_log, dt_bias, b,
+                                    check_cu_seqlens_values=not q.is_cuda)
     check_triton_inputs(q, k, v, dims)
     inputs = (q, k, v, g, beta, a, A_log, dt_bias, b, initial_state)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
@@ -100,16 +108,15 @@ def fused_recurrent_gated_delta_rule(
             "fused_recurrent_gated_delta_rule is forward only: call it under torch.no_grad() (decoding) or use "
             "chunk_gated_delta_rule for training"
         )
-    layout = ChunkLayout(cu_seqlens, dims.batch, dims.seq_len, q.device)
     HV, K, V = dims.num_v_heads, dims.head_k_dim, dims.head_v_dim
     flat = [None if t is None else t.contiguous() for t in inputs]
     o = torch.empty(dims.batch, dims.seq_len, HV, V, device=q.device, dtype=q.dtype)
     final_state = (
-        torch.empty(layout.num_docs, HV, K, V, device=q.device, dtype=torch.float32) if output_final_state else None
+        torch.empty(dims.num_states, HV, K, V, device=q.device, dtype=torch.float32) if output_final_state else None
     )
-    recurrent_kernel[lambda m: (triton.cdiv(V, m["BV"]), layout.num_docs * HV)](
-        *flat, layout.cu_seqlens, o, final_state, dims.scale,
-        H=dims.num_qk_heads, HV=HV, K=K, V=V, BK=tile_size(K),
+    recurrent_kernel[lambda m: (dims.num_states * HV, triton.cdiv(V, m["BV"]))](
+        *flat, cu_seqlens, o, final_state, dims.scale,
+        T=dims.seq_len, H=dims.num_qk_heads, HV=HV, K=K, V=V, BK=tile_size(K), IS_VARLEN=cu_seqlens is not None,
         GATE_FROM_RAW=g is None, HAS_DT_BIAS=dt_bias is not None, BETA_FROM_RAW=beta is None,
         L2NORM=use_qk_l2norm_in_kernel, HAS_INITIAL_STATE=initial_state is not None,
         STORE_FINAL_STATE=output_final_state,

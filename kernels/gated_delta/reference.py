@@ -103,14 +103,15 @@ def _chunk_segment(q, k, v, g, beta, state, chunk_size: int = CHUNK_SIZE) -> _Se
     q, k, v = (_split_chunks(x, num_chunks, chunk_size) for x in (q, k, v))  # [NC, B, HV, C, D]
     g, beta = (_split_chunks(x, num_chunks, chunk_size) for x in (g, beta))  # [NC, B, HV, C]
 
-    # Decays stay in (at least) fp32 log space; the cumsum restarts at every chunk.
-    log_decay = g.cumsum(-1)
+    # Log decays restart at every chunk. The prefix sums and their differences are taken in fp64: after one strongly
+    # decaying token the later decays of the chunk are differences of two large sums, which fp32 cannot resolve.
+    log_decay = g.to(torch.float64).cumsum(-1)
     causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=q.device).tril()
-    pair_log_decay = (log_decay[..., :, None] - log_decay[..., None, :]).masked_fill(~causal, float("-inf"))
-    pair_decay = torch.exp(pair_log_decay)  # [NC, B, HV, C, C], zero above the diagonal
-    decay_from_start = torch.exp(log_decay)[..., None]  # exp(G_i)
-    decay_to_end = torch.exp(log_decay[..., -1:] - log_decay)[..., None]  # exp(G_last - G_j)
-    chunk_decay = torch.exp(log_decay[..., -1])[..., None, None]  # exp(G_last), [NC, B, HV, 1, 1]
+    pair_log_decay = (log_decay[..., :, None] - log_decay[..., None, :]).to(q.dtype)
+    pair_decay = torch.exp(pair_log_decay.masked_fill(~causal, float("-inf")))  # [NC, B, HV, C, C], 0 above diagonal
+    decay_from_start = torch.exp(log_decay.to(q.dtype))[..., None]  # exp(G_i)
+    decay_to_end = torch.exp((log_decay[..., -1:] - log_decay).to(q.dtype))[..., None]  # exp(G_last - G_j)
+    chunk_decay = torch.exp(log_decay[..., -1].to(q.dtype))[..., None, None]  # exp(G_last), [NC, B, HV, 1, 1]
 
     beta_col = beta[..., None]
     interaction = (beta_col * (k @ k.transpose(-1, -2)) * pair_decay).tril(-1)

@@ -4,6 +4,8 @@ The token loop (`naive_recurrent_gated_delta_rule`) is the oracle; it is itself 
 naive recurrence and against cases with a closed-form answer. The chunked reference must match it to float64 round-off.
 """
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -215,6 +217,39 @@ def test_no_decay_and_full_update_stay_finite_and_agree(dtype):
     chunked = run_with_grads(chunk_gated_delta_rule_ref, inputs)
     naive = run_with_grads(naive_recurrent_gated_delta_rule, inputs)
     assert_same_results(chunked, naive, 1e-10 if dtype == torch.float64 else 1e-4)
+
+
+def _fp32_chunk_vs_float64_loop(inputs, tol=1e-5):
+    """The fp32 chunked reference (the model's CPU path) against the float64 token loop: the issue's fp32 target."""
+    fp32 = {name: t.detach().float().requires_grad_() for name, t in inputs.items()}
+
+    def chunked_fp32(**kwargs):  # results in float64, so both runs draw the same random projection
+        return tuple(x.double() for x in chunk_gated_delta_rule_ref(**kwargs))
+
+    result = run_with_grads(chunked_fp32, fp32, use_qk_l2norm_in_kernel=True)
+    assert_same_results(result, run_with_grads(naive_recurrent_gated_delta_rule, inputs, use_qk_l2norm_in_kernel=True),
+                        tol)
+
+
+def test_fp32_chunked_with_model_init_gates_matches_float64():
+    """A = exp(A_log) = 16 and a ~ N(0, 3) (the model's widest initial decays, g in [-126, 0]): with fp32 prefix sums
+    of the log decay dA_log was off by 3e-4."""
+    inputs = make_inputs(1, 160, 1, 2, 16, 16)
+    del inputs["g"]
+    gen = torch.Generator().manual_seed(5)
+    inputs.update(a=(3.0 * torch.randn(1, 160, 2, generator=gen, dtype=torch.float64)).requires_grad_(),
+                  A_log=torch.full((2,), math.log(16.0), dtype=torch.float64, requires_grad=True),
+                  dt_bias=torch.zeros(2, dtype=torch.float64, requires_grad=True))
+    _fp32_chunk_vs_float64_loop(inputs)
+
+
+def test_fp32_chunked_with_decay_spikes_matches_float64():
+    """Single tokens with g = -300 ... -1e4 inside chunks of ordinary decays."""
+    inputs = make_inputs(1, 160, 1, 2, 16, 16)
+    with torch.no_grad():
+        for t, h, value in [(3, 0, -1e3), (70, 0, -1e4), (10, 1, -300.0), (140, 1, -5e3)]:
+            inputs["g"][0, t, h] = value
+    _fp32_chunk_vs_float64_loop(inputs)
 
 
 def test_tiny_decays_match_naive():
