@@ -28,7 +28,8 @@ DEVICE = "cpu" if INTERPRET else "cuda"
 FP32_REL_TOL = 1e-5
 # bf16 inputs and bf16 tensor-core dots with fp32 accumulation and fp32 state.
 BF16_REL_TOL = 1e-2
-FP16_REL_TOL = 5e-3
+# fp16 inputs, fp16 intermediates (w, u, v_new, per-chunk states) and fp16 dot operands: a few roundings of 2^-11.
+FP16_REL_TOL = 2e-3
 
 
 def rel_err(actual, expected):
@@ -130,8 +131,7 @@ def test_raw_gate_without_dt_bias_matches_reference():
 
 
 def test_fp16_inputs_match_reference():
-    """fp16 q, k, v: fp16 tensor-core dots, fp32 state and accumulation. Bound: fp16 rounding (2^-11) of the inputs
-    to every dot, a few of them in a row."""
+    """fp16 q, k, v: fp16 dots, fp32 state and accumulation (measured 4.5e-4 on the CPU interpreter)."""
     inputs = make_inputs(1, 70, 1, 2, 32, 32, dtype=torch.float16)
     assert_matches_reference(inputs, tol=FP16_REL_TOL)
 
@@ -252,7 +252,9 @@ def test_triton_path_rejects_what_it_cannot_run():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype, tol", [(torch.float32, FP32_REL_TOL), (torch.bfloat16, BF16_REL_TOL)])
+# fp16 carries 3 more mantissa bits than bf16: the bf16 bound holds for it with room.
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, FP32_REL_TOL), (torch.bfloat16, BF16_REL_TOL),
+                                        (torch.float16, BF16_REL_TOL)])
 @pytest.mark.parametrize("T, HV, K", [(1000, 4, 64), (2048, 4, 128), (8192, 2, 128)])
 def test_gpu_matches_float64_reference(dtype, tol, T, HV, K):
     inputs = make_inputs(1, T, 2, HV, K, K, dtype=dtype, raw_gates=True)
