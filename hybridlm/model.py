@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from hybridlm import ops
 from hybridlm.config import ModelConfig
 from hybridlm.layers.attention import Attention, AttentionPattern, append_along, cached_pattern, sequence_pattern
 from hybridlm.layers.gated_deltanet import GatedDeltaNet
@@ -63,6 +64,7 @@ class TokenLayout:
     attention: AttentionPattern
     cu_seqlens: torch.Tensor | None = None  # [N+1] documents over the flattened B*T tokens (GDN and conv)
     position_in_doc: torch.Tensor | None = None  # [1,B*T] 0 at each document start, over the flattened tokens
+    gdn_chunk_layout: object | None = None  # the GDN kernels' chunk list of cu_seqlens (ops.prepare_gdn_chunk_layout)
     padding_mask: torch.Tensor | None = None  # [B,T] 1 for tokens, 0 for left padding (batched generation)
 
 
@@ -110,7 +112,8 @@ class HybridBlock(nn.Module):
                 normed = normed * layout.padding_mask[..., None].to(normed.dtype)
             if layout.cu_seqlens is not None:  # packed: one flattened row, restarting at every document
                 B, T, H = normed.shape
-                flat = self.linear_attn(normed.reshape(1, B * T, H), layout.cu_seqlens, layout.position_in_doc, cache)
+                flat = self.linear_attn(normed.reshape(1, B * T, H), layout.cu_seqlens, layout.position_in_doc, cache,
+                                        chunk_layout=layout.gdn_chunk_layout)
                 mixed = flat.reshape(B, T, H)
             else:
                 mixed = self.linear_attn(normed, None, None, cache)
@@ -141,21 +144,25 @@ def check_packed_rows(cu_seqlens: torch.Tensor, batch: int, seq_len: int) -> Non
         )
 
 
-def packed_layout(cu_seqlens: torch.Tensor, batch: int, seq_len: int, window: int, backend: str) -> TokenLayout:
-    """Segment ids and in-document positions of `batch` packed rows of `seq_len` tokens."""
+def packed_layout(cu_seqlens: torch.Tensor, batch: int, seq_len: int, cfg: ModelConfig) -> TokenLayout:
+    """Segment ids, in-document positions, attention pattern and GDN chunk list of `batch` packed rows of `seq_len`
+    tokens."""
     check_packed_rows(cu_seqlens, batch, seq_len)
     total = batch * seq_len
     index = torch.arange(total, device=cu_seqlens.device)
     segment_ids = torch.searchsorted(cu_seqlens[1:].to(torch.int64), index, right=True)
     position_in_doc = index - cu_seqlens.to(torch.int64)[segment_ids]
     position_ids = position_in_doc.view(batch, seq_len)
+    attn = dict(window=cfg.attention.sliding_window, backend=cfg.attention.backend)
     if cu_seqlens.numel() == batch + 1:  # only the row starts: each row is one document, a plain batch
-        attention = sequence_pattern(seq_len, cu_seqlens.device, window=window, backend=backend)
-        return TokenLayout(position_ids=position_ids, attention=attention)
-    attention = sequence_pattern(seq_len, cu_seqlens.device, window=window, backend=backend,
-                                 segment_ids=segment_ids.view(batch, seq_len), sorted_segments=True)
+        return TokenLayout(position_ids=position_ids, attention=sequence_pattern(seq_len, cu_seqlens.device, **attn))
+    attention = sequence_pattern(seq_len, cu_seqlens.device, segment_ids=segment_ids.view(batch, seq_len),
+                                 sorted_segments=True, **attn)
+    chunk_layout = None
+    if "gated_deltanet" in cfg.layer_types:
+        chunk_layout = ops.prepare_gdn_chunk_layout(cu_seqlens, total, backend=cfg.gdn.backend)
     return TokenLayout(position_ids=position_ids, attention=attention, cu_seqlens=cu_seqlens,
-                       position_in_doc=position_in_doc[None])
+                       position_in_doc=position_in_doc[None], gdn_chunk_layout=chunk_layout)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -323,7 +330,7 @@ class HybridLM(nn.Module):
         device = input_ids.device
         attn = self.config.attention
         if cu_seqlens is not None:
-            layout = packed_layout(cu_seqlens, B, T, attn.sliding_window, attn.backend)
+            layout = packed_layout(cu_seqlens, B, T, self.config)
             if position_ids is not None:
                 layout.position_ids = position_ids
             return layout

@@ -129,6 +129,27 @@ def test_packed_batch_equals_documents_run_separately():
     torch.testing.assert_close(packed, separate, rtol=1e-9, atol=1e-9)
 
 
+def test_triton_gdn_gets_one_chunk_layout_per_forward_and_matches_the_reference(monkeypatch):
+    from hybridlm import ops
+
+    built, used = [], []
+    prepare, chunk_rule = ops.prepare_gdn_chunk_layout, ops.chunk_gated_delta_rule
+    monkeypatch.setattr(ops, "prepare_gdn_chunk_layout", lambda *a, **k: built.append(prepare(*a, **k)) or built[-1])
+    monkeypatch.setattr(ops, "chunk_gated_delta_rule",
+                        lambda *a, **k: used.append(k["chunk_layout"]) or chunk_rule(*a, **k))
+    ids = torch.randint(0, 97, (2, 32))
+    cu = torch.tensor([0, 10, 32, 50, 64], dtype=torch.int32)
+    logits = {}
+    for backend in ("torch", "triton"):  # triton: the interpreter on CPU (fp32)
+        gdn = GatedDeltaNetConfig(num_k_heads=2, num_v_heads=4, head_k_dim=16, head_v_dim=16, backend=backend)
+        model = build(small_config(layer_pattern="GG", mlp_pattern="D", gdn=gdn)).float()
+        with torch.no_grad():
+            logits[backend] = model(ids, cu_seqlens=cu).logits
+    assert len(built) == 2 and built[0] is None and built[1] is not None  # once per forward (none for torch)
+    assert used == [None, None, built[1], built[1]]  # and shared by both GDN layers
+    torch.testing.assert_close(logits["triton"], logits["torch"], rtol=1e-4, atol=1e-5)
+
+
 def test_position_ids_default_to_document_positions_when_packed():
     model = build(small_config(layer_pattern="AA", mlp_pattern="D"))
     ids = torch.randint(0, 97, (1, 20))
