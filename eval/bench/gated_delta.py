@@ -297,8 +297,7 @@ def main(argv=None) -> dict:
 
 def print_table(report: dict) -> None:
     columns = [c for c in COLUMNS if any(c in row for row in report["rows"])]
-    header = f"{'shape':28s} {'mode':8s}" + "".join(f" {c:>10s}" for c in columns) + f" {'ours/fla':>9s} {'raw/fla':>8s}"
-    print(header)
+    print(f"{'shape':28s} {'mode':8s}" + "".join(f" {c:>10s}" for c in columns) + f" {'ours/fla':>9s} {'raw/fla':>8s}")
     for row in report["rows"]:
         for mode in ("fwd", "fwd_bwd"):
             cells = "".join(f" {row.get(c, {}).get(mode, {}).get('ms', float('nan')):10.3f}" for c in columns)

@@ -39,7 +39,6 @@ from .triton_common import (
     load_rnorm,
     load_rows_clamped,
     load_tile,
-    load_token_scalars,
     raw_gate_input,
     softplus,
     state_fits,
@@ -290,7 +289,8 @@ def wy_backward_kernel(
         x = raw_gate_input(a, dt_bias, rows, row_mask, i_hv, HV, HAS_DT_BIAS)
         decay_rate = tl.exp(tl.load(A_log + i_hv).to(tl.float32))
         # g = -exp(A_log) softplus(x): dg/dA_log = g, dg/dx = -exp(A_log) sigmoid(x).
-        tl.store(dA_log_partial + i_c * HV + i_hv, tl.sum(tl.where(row_mask, -dgate * decay_rate * softplus(x), 0.0), 0))
+        dA_log = tl.sum(tl.where(row_mask, -dgate * decay_rate * softplus(x), 0.0), 0)
+        tl.store(dA_log_partial + i_c * HV + i_hv, dA_log)
         dgate = -dgate * decay_rate / (1.0 + tl.exp(-x))
     tl.store(dgate_out + rows * HV + i_hv, dgate, mask=row_mask)
     if BETA_FROM_RAW:

@@ -282,15 +282,17 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
                 dq_heads, dk_heads, dw, dgate_partial, dims.scale, BK=k_block, **common,
             )
             wy_backward_kernel[(layout.num_chunks, HV)](
-                k, v, beta, a, A_log, dt_bias, b, state["G"], state["k_rnorm"], state["Ainv"], dw, dv_new, dgate_partial,
-                *call.chunk_args(), dk_heads, dv, dgate, dbeta, dA_log_partial,
+                k, v, beta, a, A_log, dt_bias, b, state["G"], state["k_rnorm"], state["Ainv"], dw, dv_new,
+                dgate_partial, *call.chunk_args(), dk_heads, dv, dgate, dbeta, dA_log_partial,
                 stride_k=ctx.strides["k"], stride_v=ctx.strides["v"], NUM_K_BLOCKS=num_k_blocks, BK=k_block,
                 GATE_FROM_RAW=g is None, HAS_DT_BIAS=dt_bias is not None, BETA_FROM_RAW=beta is None, **meta,
             )
         dq = torch.empty(tokens, H, K, device=q.device, dtype=q.dtype)
         dk = torch.empty(tokens, H, K, device=q.device, dtype=k.dtype)
-        for x, x_rnorm, grads, out, factor, stride in ((q, state["q_rnorm"], dq_heads, dq, dims.scale, ctx.strides["q"]),
-                                                       (k, state["k_rnorm"], dk_heads, dk, 1.0, ctx.strides["k"])):
+        for x, x_rnorm, grads, out, factor, stride in (
+            (q, state["q_rnorm"], dq_heads, dq, dims.scale, ctx.strides["q"]),
+            (k, state["k_rnorm"], dk_heads, dk, 1.0, ctx.strides["k"]),
+        ):
             if tokens:
                 qk_grads_kernel[lambda m: (triton.cdiv(tokens, m["BLOCK_T"]), H)](
                     x, x_rnorm, grads, out, factor, stride, tokens, H, HV, K=K, BK=tile_size(K),

@@ -1,0 +1,165 @@
+"""Compile every gated delta rule kernel for an H100 (sm_90) ahead of time, without a GPU, and check what the real
+compiler makes of it: no register spills (at K = V = 128 and 256, bf16, every config the autotuner may pick) and
+64-bit address arithmetic from the program ids on (per-chunk state offsets pass 2^31 at long context).
+
+The CPU interpreter runs kernels as Python, so it sees neither. This compiles through Triton's NVIDIA backend and its
+bundled ptxas, and reads registers / stack / shared memory from the cubin with the bundled cuobjdump. Launch-time
+specialisation is imitated (16-byte aligned pointers) as in a real launch. The interpreter replaces `triton.jit` at
+import time, so under TRITON_INTERPRET=1 the compilation runs in a child process with the interpreter off.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Stack bytes per thread a config may use: spills would be far larger (the monolithic backward kernel had 1-3 KB).
+MAX_STACK_BYTES = 0
+HEAD_DIMS = (128, 256)
+
+# Pointer dtypes of a bf16 training call (raw gates, L2 norm); everything not listed is bf16.
+_FP32 = {"Ainv", "Ainv_out", "q_rnorm", "k_rnorm", "q_rnorm_out", "k_rnorm_out", "x_rnorm", "initial_state",
+         "final_state", "d_final_state", "d_initial_state", "dq_out", "dk_out", "dk", "dx_heads", "dgate_partial",
+         "dgate_out", "dbeta_out", "dA_log_partial", "a", "A_log", "dt_bias", "b", "g", "beta"}
+_FP64 = {"G", "G_out"}
+_INT32 = {"cu_seqlens", "chunk_indices", "chunk_offsets"}
+_SCALARS = {"scale": "fp32", "factor": "fp32"}
+
+
+def _param_type(name: str) -> str:
+    if name in _SCALARS:
+        return _SCALARS[name]
+    if name.startswith("stride_") or name in ("T", "NT", "H", "HV", "tokens", "NUM_K_BLOCKS"):
+        return "i32"
+    if name in _FP64:
+        return "*fp64"
+    if name in _FP32:
+        return "*fp32"
+    if name in _INT32:
+        return "*i32"
+    return "*bf16"
+
+
+def gdn_kernels(K: int):
+    """(name, autotuned kernel, constexprs) of every GDN kernel as a bf16 varlen training / decoding call uses it."""
+    from hybridlm.kernels.gated_delta import backward, forward, recurrent
+    from hybridlm.kernels.gated_delta.chunk import K_BLOCK, tile_size
+
+    common = dict(K=K, V=K, BT=64, L2NORM=True, IS_VARLEN=True, DOT_PRECISION="tf32")
+    k_block, k_tile = min(K_BLOCK, tile_size(K)), tile_size(K)
+    raw = dict(GATE_FROM_RAW=True, HAS_DT_BIAS=True, BETA_FROM_RAW=True)
+    return [
+        ("prepare_wy", forward.prepare_wy_kernel,
+         dict(common, **raw, BK=k_block, STORE_Q_RNORM=True, INVERSE_PRECISION="tf32")),
+        ("state_forward", forward.state_forward_kernel,
+         dict(common, BK=k_tile, HAS_INITIAL_STATE=True, STORE_FINAL_STATE=True)),
+        ("output", forward.output_kernel, dict(common, BK=k_block)),
+        ("local_dv", backward.local_dv_kernel, dict(common, BK=k_block)),
+        ("state_backward", backward.state_backward_kernel,
+         dict(common, BK=k_tile, HAS_D_FINAL_STATE=True, STORE_D_INITIAL_STATE=True)),
+        ("output_grads", backward.output_grads_kernel, dict(common, BK=k_block)),
+        ("wy_backward", backward.wy_backward_kernel, dict(common, **raw, BK=k_block)),
+        ("qk_grads", backward.qk_grads_kernel, dict(K=K, BK=k_tile, L2NORM=True)),
+        ("recurrent", recurrent.recurrent_kernel,
+         dict(K=K, V=K, BK=k_tile, **raw, L2NORM=True, HAS_INITIAL_STATE=True, STORE_FINAL_STATE=True,
+              IS_VARLEN=True)),
+    ]
+
+
+def autotune_configs(kernel, K: int):
+    """The configs the autotuner would time for head dims K = V (after its pruning)."""
+    prune = kernel.early_config_prune
+    return prune(kernel.configs, {}, K=K, V=K) if prune else kernel.configs
+
+
+def compile_for_h100(kernel, constexprs: dict, config):
+    """Compile one config for sm_90; returns (compiled kernel, {"regs", "stack", "smem"})."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = kernel.fn
+    names = list(inspect.signature(fn.fn).parameters)
+    constexprs = dict(constexprs, **config.kwargs)
+    signature = {n: "constexpr" if n in constexprs else _param_type(n) for n in names}
+    aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if signature[n].startswith("*")}
+    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=aligned)
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "kernel.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        usage = subprocess.run([str(cuobjdump), "-res-usage", str(cubin)], capture_output=True, text=True,
+                               check=True).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+)", usage)
+    assert found, f"no resource usage in cuobjdump output: {usage[-2000:]}"
+    return compiled, {"regs": int(found.group(1)), "stack": int(found.group(2)), "smem": compiled.metadata.shared}
+
+
+_PROGRAM_ID = re.compile(r"(%[\w.#]+) = tt\.get_program_id")
+
+
+def narrow_program_id_uses(ttir: str) -> list[str]:
+    """TTIR lines that use a program id other than to sign-extend it to i64 (i32 index arithmetic)."""
+    ids = _PROGRAM_ID.findall(ttir)
+    bad = []
+    for line in ttir.splitlines():
+        if "tt.get_program_id" in line:
+            continue
+        used = [pid for pid in ids if re.search(re.escape(pid) + r"\b", line)]
+        if used and not re.search(r"arith\.extsi .* : i32 to i64", line):
+            bad.append(line.strip())
+    return bad
+
+
+def check_all_kernels() -> list[dict]:
+    """Compiles every kernel and config; returns one row per compile, and raises on the first violation."""
+    rows = []
+    for K in HEAD_DIMS:
+        for name, kernel, constexprs in gdn_kernels(K):
+            for config in autotune_configs(kernel, K):
+                compiled, usage = compile_for_h100(kernel, constexprs, config)
+                row = dict(kernel=name, K=K, config=str(config), **usage)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                assert usage["stack"] <= MAX_STACK_BYTES, f"{name} K=V={K} {config}: {usage['stack']} B of stack spills"
+                narrow = narrow_program_id_uses(compiled.asm["ttir"])
+                assert not narrow, f"{name}: program ids used in i32 arithmetic: {narrow[:3]}"
+    return rows
+
+
+def run_without_interpreter(function: str):
+    """Run `function` of this module in a child process with TRITON_INTERPRET off (or in-process if already off)."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return globals()[function]()
+    here = Path(__file__).resolve().parent
+    code = f"import sys; sys.path.insert(0, {str(here)!r}); import test_gated_delta_compile as t; t.{function}()"
+    child = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TRITON_INTERPRET": "0"},
+                           capture_output=True, text=True)
+    assert child.returncode == 0, (child.stdout[-2000:] + child.stderr[-4000:])
+
+
+def test_narrow_program_id_uses_finds_i32_offsets():
+    """The TTIR check itself: it flags an i32 multiply of a program id and accepts a sign extension."""
+    ttir = """
+    %pid = tt.get_program_id x : i32
+    %0 = arith.muli %pid, %c16384_i32 : i32
+    %pid_1 = tt.get_program_id y : i32
+    %1 = arith.extsi %pid_1 : i32 to i64
+    """
+    assert narrow_program_id_uses(ttir) == ["%0 = arith.muli %pid, %c16384_i32 : i32"]
+
+
+@pytest.mark.slow
+def test_gated_delta_kernels_compile_for_h100_without_spills_and_with_64_bit_offsets():
+    pytest.importorskip("triton.backends.nvidia")
+    run_without_interpreter("check_all_kernels")
