@@ -101,3 +101,22 @@ def test_chunk_layout_must_match_the_call():
     o, _ = chunk_gated_delta_rule(**args, cu_seqlens=cu_seqlens)
     o_layout, _ = chunk_gated_delta_rule(**args, chunk_layout=prepare_chunk_layout(cu_seqlens, 20))
     assert torch.equal(o, o_layout)
+
+
+def test_fla_backend_gets_fp32_log_decay_without_dt_bias(monkeypatch):
+    """hybridlm.ops with backend="fla" computes g = -exp(A_log) softplus(a) (+ dt_bias when given) in fp32, as fla's
+    own layer does (a bf16 g would round every token's decay), and beta = sigmoid(b) in the activations' dtype."""
+    import fla.ops.gated_delta_rule as fla_gdn
+
+    seen = {}
+    monkeypatch.setattr(fla_gdn, "chunk_gated_delta_rule",
+                        lambda q, k, v, g, beta, **kwargs: seen.update(g=g, beta=beta, kwargs=kwargs) or (v, None))
+    q = torch.randn(1, 8, 1, 16, dtype=torch.bfloat16)
+    a, b = torch.randn(1, 8, 2, dtype=torch.bfloat16), torch.randn(1, 8, 2, dtype=torch.bfloat16)
+    A_log = torch.tensor([0.5, 2.0])
+    v = torch.randn(1, 8, 2, 16, dtype=torch.bfloat16)
+    ops.chunk_gated_delta_rule(q, q, v, a=a, A_log=A_log, dt_bias=None, b=b, backend="fla",
+                               use_qk_l2norm_in_kernel=True)
+    assert seen["g"].dtype == torch.float32 and seen["beta"].dtype == torch.bfloat16
+    torch.testing.assert_close(seen["g"], -A_log.exp() * torch.nn.functional.softplus(a.float()))
+    assert seen["kwargs"] == {"use_qk_l2norm_in_kernel": True}
