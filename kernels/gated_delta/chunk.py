@@ -274,7 +274,7 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
         dv = torch.empty(tokens, HV, V, device=q.device, dtype=v.dtype)
         dgate = torch.empty(tokens, HV, **f32)
         dbeta = torch.empty(tokens, HV, **f32)
-        dA_log_partial = torch.empty(max(layout.num_chunks, 1), HV, **f32)
+        dA_log_partial = torch.empty(layout.num_chunks, HV, **f32)  # summed over chunks: 0 with no tokens
         if layout.num_chunks:
             output_grads_kernel[(num_k_blocks * layout.num_chunks, HV)](
                 q, k, state["G"], state["q_rnorm"], state["k_rnorm"], state["chunk_states"], state["v_new"],
