@@ -187,3 +187,61 @@ def test_expert_load_ratio():
     assert expert_load_ratio(torch.tensor([5, 5, 5, 5])) == 1.0
     assert expert_load_ratio(torch.tensor([8, 0, 0, 0])) == 4.0
     assert expert_load_ratio(torch.tensor([3, 1, 2, 2])) == 1.5
+
+
+def test_flops_per_token_matches_a_hand_count():
+    """Counted independently: the matmul weights a token goes through in the built model (routed experts: top_k of
+    num_experts), 2 FLOPs each forward and 4 backward, plus causal attention scores and the GDN chunk recurrence."""
+    import torch
+
+    from hybridlm.config import ModelConfig
+    from hybridlm.model import HybridLM
+
+    cfg = ModelConfig(
+        vocab_size=64, hidden_size=16, num_layers=2, layer_pattern="GA", mlp_pattern="DM", intermediate_size=24,
+        gdn=dict(num_k_heads=1, num_v_heads=2, head_k_dim=8, head_v_dim=8),
+        attention=dict(num_heads=2, num_kv_heads=1, head_dim=8),
+        moe=dict(num_experts=4, top_k=2, intermediate_size=8, shared_expert_intermediate_size=8),
+    )  # fmt: skip
+    seq_len = 32
+    with torch.device("meta"):
+        model = HybridLM(cfg)
+    per_token = 0.0
+    for name, param in model.named_parameters():
+        if name == "embed_tokens.weight":
+            continue  # a lookup, no FLOPs (untied: the LM head is a separate matmul)
+        share = 2 / 4 if ".experts." in name else 1.0  # each token visits top_k = 2 of the 4 routed experts
+        per_token += 6 * param.numel() * share  # every other weight (norms, conv taps, gates) is counted alike
+    # Attention (1 layer): QK^T and AV, 2 FLOPs per multiply-add over T/2 keys on average (causal), 2 heads of 8.
+    per_token += 3 * (2 * 2) * (seq_len / 2) * 8 * 2
+    # GDN (1 layer, 2 value heads): intra-chunk attention-like work over the 32-token chunk with K + V = 16 columns,
+    # plus the 8 x 8 state update and read-out.
+    per_token += 3 * 2 * (2 * 32 * 16 + 4 * 8 * 8)
+    assert cfg.flops_per_token(seq_len) == pytest.approx(per_token, rel=1e-12)
+
+
+def test_mfu_is_model_flops_over_the_devices_peak(monkeypatch):
+    """tokens/s over the window's training time only (the clock stops for validation), MFU = FLOPs/token x tokens/s
+    / (peak x devices)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    import hybridlm.train.metrics as metrics
+
+    # start, pause (10 s of training), resume, summarize (5 s more), the next window's start
+    clock = iter([0.0, 10.0, 15.0, 20.0, 20.0])
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(metrics.dist, "all_reduce", lambda tensor: tensor.mul_(2))  # a second, identical rank
+    window = metrics.MetricsWindow(torch.device("cpu"), moe_layer_ids=[1])
+    out = SimpleNamespace(loss=torch.tensor(2.0), ce_loss=torch.tensor(1.5), aux_loss=torch.tensor(1.0),
+                          z_loss=torch.tensor(0.5), expert_counts=[torch.tensor([3, 1, 2, 2])])  # fmt: skip
+    window.add_micro_batch(out, tokens=3000)  # input tokens of all ranks together
+    window.pause()
+    window.resume()
+    window.add_micro_batch(out, tokens=3000)
+    result = window.summarize(flops_per_token=1e6, peak_flops=1e9, world_size=2)
+    assert result["tokens_per_s"] == pytest.approx(6000 / 15)
+    assert result["mfu"] == pytest.approx(1e6 * 400 / (1e9 * 2))
+    assert result["loss"] == pytest.approx(2.0) and result["z_loss"] == pytest.approx(0.5)  # mean over 2 x 2
+    assert result["moe_load_max_over_mean/layer1"] == result["moe_load_max_over_mean/worst"] == 1.5

@@ -5,6 +5,7 @@ import json
 import math
 import subprocess
 import sys
+import sysconfig
 from collections import Counter
 from pathlib import Path
 
@@ -17,7 +18,13 @@ import torch
 from hybridlm.data import DataConfig, MQARConfig, build_data
 from hybridlm.data.cli import add_prepare_data_parser, run_prepare_data
 from hybridlm.data.packing import IGNORE_INDEX
-from hybridlm.data.sources import is_validation_document, iter_documents, source_files, stdlib_files
+from hybridlm.data.sources import (
+    is_generated_module,
+    is_validation_document,
+    iter_documents,
+    source_files,
+    stdlib_files,
+)
 from hybridlm.data.store import cached_text_store, open_stores
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma".split()
@@ -111,9 +118,23 @@ def test_build_data_batches_and_unigram_baseline(tmp_path, jsonl_path):
     total = sum(train_counts.values())
     expected = -sum(n * math.log((train_counts[t] + 1) / (total + bundle.vocab_size)) for t, n in val_counts.items())
     assert bundle.unigram_loss == pytest.approx(expected / sum(val_counts.values()), rel=1e-9)
+    # The same unigram, to score the targets of the batches the trainer validates on.
+    log_probs = [math.log((train_counts[t] + 1) / (total + bundle.vocab_size)) for t in range(bundle.vocab_size)]
+    assert torch.allclose(bundle.unigram_log_probs, torch.tensor(log_probs, dtype=torch.float64), rtol=1e-12)
     val = list(bundle.val_batches())
-    assert len(val) == bundle.stats["val_batches"] > 0
+    assert len(val) == bundle.stats["val_batches"] > 3
     assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(val, bundle.val_batches()))
+    # A few batches are spread over the whole split (first to last), not its first documents only.
+    picked = bundle.val_batches.indices(3)
+    assert picked[0] == 0 and picked[-1] == len(val) - 1 and len(set(picked)) == 3
+    spread = list(bundle.val_batches(3))
+    assert len(spread) == 3 and all(torch.equal(b["labels"], val[i]["labels"]) for b, i in zip(spread, picked))
+
+
+def test_a_validation_split_below_min_val_tokens_fails_naming_the_fix(tmp_path, jsonl_path):
+    cfg = text_config(tmp_path, [jsonl_path], min_val_tokens=10**6)
+    with pytest.raises(ValueError, match=r"fewer than data.min_val_tokens=1000000; raise data.val_fraction=0.25"):
+        build_data(cfg, seq_len=16, micro_batch_size=2)
 
 
 def test_second_build_reads_the_cache(tmp_path, jsonl_path, monkeypatch):
@@ -207,13 +228,48 @@ def test_user_tokenizer_file(tmp_path, jsonl_path):
 def test_stdlib_source_on_a_capped_subset(tmp_path):
     cfg = DataConfig(max_documents=40, vocab_size=512, val_fraction=0.3, cache_dir=str(tmp_path / "cache"))
     bundle = build_data(cfg, seq_len=64, micro_batch_size=2, world_size=2, rank=1)
-    assert bundle.vocab_size == 512 and bundle.stats["train_documents"] + bundle.stats["val_documents"] <= 40
+    assert bundle.vocab_size == 512 and bundle.stats["train_documents"] + bundle.stats["val_documents"] == 40
     assert 0 < bundle.unigram_loss < math.log(512)
     files = stdlib_files()
     assert files and all("site-packages" not in file.parts for file in files)
-    sources = {file.read_text(encoding="utf-8", errors="replace") for file in files[:40]}
     store = open_stores([cached_text_store(cfg, tmp_path / "cache")])
-    assert set(decoded(store.tokenizer, store.train)) <= sources
+    sampled = list(iter_documents(cfg, files))
+    assert sorted(decoded(store.tokenizer, store.train) + decoded(store.tokenizer, store.val)) == sorted(sampled)
+
+
+def test_stdlib_cap_is_a_hash_sample_over_all_files_without_generated_modules():
+    files = stdlib_files()
+    root = Path(sysconfig.get_paths()["stdlib"])
+    path_of = {}
+    for file in files:
+        try:
+            path_of.setdefault(file.read_bytes().decode("utf-8"), file.relative_to(root))
+        except UnicodeDecodeError:
+            pass
+    sampled = list(iter_documents(DataConfig(max_documents=200), files))
+    assert len(sampled) == 200 and sampled == list(iter_documents(DataConfig(max_documents=200), files))
+    chosen = [path_of[text] for text in sampled]
+    # Spread over the whole library, not the first 200 files in path order (~12 % of them are expected there).
+    first_in_order = set(sorted(path_of.values(), key=lambda path: path.as_posix())[:200])
+    assert len(first_in_order.intersection(chosen)) < 60
+    assert sum(path.as_posix() >= "m" for path in chosen) > 50
+    everything = {path_of[text] for text in iter_documents(DataConfig(), files)}  # no cap
+    tables = {Path("encodings", name) for name in ("cp437.py", "cp1252.py", "mac_roman.py", "iso8859_15.py")}
+    assert tables <= set(path_of.values()) and not tables & everything  # charmap codec tables are left out
+    # A larger cap keeps every document of a smaller one (the lowest hashes stay the lowest).
+    assert set(sampled) <= set(iter_documents(DataConfig(max_documents=400), files))
+
+
+@pytest.mark.parametrize(
+    "module, generated",
+    [("encodings/cp437.py", True), ("pydoc_data/topics.py", True), ("stringprep.py", True),
+     ("ast.py", False), ("_compat_pickle.py", False), ("lib2to3/pgen2/parse.py", False), ("os.py", False)],
+)  # fmt: skip
+def test_generated_stdlib_modules_are_recognised_by_their_header(module, generated):
+    path = Path(sysconfig.get_paths()["stdlib"]) / module
+    if not path.is_file():
+        pytest.skip(f"{module} is not in this Python's standard library")
+    assert is_generated_module(path, path.read_text(encoding="utf-8")) is generated
 
 
 def test_mqar_bundle(tmp_path):

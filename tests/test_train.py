@@ -21,7 +21,7 @@ from helpers.launch import REPO, TINY_MODEL, read_metrics, tiny_run, train, trai
 import hybridlm.train.checkpoint as checkpoint_module
 from hybridlm.train.checkpoint import complete_checkpoints, is_checkpoint, publish, resolve_resume, sweep_leftovers
 
-MAX_STEPS, SAVE_EVERY, KEEP_LAST = 20, 5, 2
+MAX_STEPS, SAVE_EVERY, KEEP_LAST = 30, 5, 2
 CRASH_STEP = 10  # dies while publishing this step's checkpoint: step 5's stays the newest complete one
 
 
@@ -56,8 +56,15 @@ def test_training_lowers_the_loss_and_saves_complete_checkpoints(reference_run):
     assert val["step"] == MAX_STEPS and val["val_loss"] < losses[0]
     assert val["unigram_loss"] > 0 and "unigram baseline" in result.stdout
 
+    # Every logged step has throughput and the expert load of each MoE layer (block 1 of "DM"); no MFU on CPU.
+    for record in read_metrics(out_dir).values():
+        assert record["tokens_per_s"] > 0 and "mfu" not in record
+        assert record["moe_load_max_over_mean/layer1"] == record["moe_load_max_over_mean/worst"]
+        assert 1.0 <= record["moe_load_max_over_mean/worst"] <= 4.0  # 4 experts: 1 = even, 4 = one takes all
+    assert "MFU n/a" in result.stdout and "tok/s" in result.stdout
+
     checkpoints = complete_checkpoints(out_dir)
-    assert [path.name for path in checkpoints] == ["step_00000015", "step_00000020"]  # keep_last=2 pruned 5, 10
+    assert [path.name for path in checkpoints] == ["step_00000025", "step_00000030"]  # keep_last=2 pruned 5 ... 20
     final = checkpoints[-1]
     assert (final.parent / "latest").read_text().strip() == final.name
     assert f"checkpoint: {final}" in result.stdout
@@ -89,7 +96,7 @@ def test_crash_mid_save_then_auto_resume_reproduces_the_uninterrupted_losses(ref
         for key in ("loss", "ce_loss", "aux_loss", "z_loss", "grad_norm", "lr"):
             assert got[step][key] == expected[step][key], f"step {step} {key}: {got[step][key]} != {expected[step][key]}"
     assert not list((out_dir / "checkpoints").glob(".tmp-*"))  # the next save cleared the crash's leftovers
-    assert [path.name for path in complete_checkpoints(out_dir)] == ["step_00000015", "step_00000020"]
+    assert [path.name for path in complete_checkpoints(out_dir)] == ["step_00000025", "step_00000030"]
 
 
 def test_init_from_a_checkpoint_starts_from_its_weights(reference_run, data_cache, tmp_path):
@@ -175,17 +182,54 @@ def test_resume_never_refuses_a_run_directory_with_checkpoints(reference_run, da
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("zero_stage", [2, 3])
-def test_two_rank_zero_matches_single_process_gradient_accumulation(zero_stage, data_cache, tmp_path):
+def test_resume_is_exact_with_zero2_accumulation_selection_bias_and_activation_checkpointing(data_cache, tmp_path):
+    """The paths a plain fp32 ZeRO 0 resume does not touch: ZeRO 2 optimizer shards, a gradient-accumulation window,
+    the selection bias (a buffer updated outside autograd), recomputed activations and the WSD schedule."""
+    steps, stop = 8, 4
+    overrides = tiny_run(data_cache) + [
+        f"trainer.max_steps={steps}", "deepspeed=zero2", "deepspeed.grad_accum_steps=2", "optim=adamw_wsd",
+        "model.moe.selection_bias=true", "model.activation_checkpointing=true",
+    ]  # fmt: skip
+    train(tmp_path / "uninterrupted", overrides)
+    train(tmp_path / "resumed", overrides + [f"trainer.stop_at_step={stop}"])
+    resumed = train(tmp_path / "resumed", overrides)
+    assert f"at step {stop}" in resumed.stdout
+    expected, got = read_metrics(tmp_path / "uninterrupted"), read_metrics(tmp_path / "resumed")
+    assert sorted(got) == list(range(1, steps + 1))
+    for step in range(stop + 1, steps + 1):
+        for key in ("loss", "ce_loss", "aux_loss", "z_loss", "grad_norm", "lr", "moe_load_max_over_mean/worst"):
+            assert got[step][key] == expected[step][key], f"step {step} {key}: {got[step][key]} != {expected[step][key]}"
+
+
+TWO_RANK_STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def single_process_accumulation(tmp_path_factory, data_cache) -> Path:
+    out_dir = tmp_path_factory.mktemp("single") / "run"
+    train(out_dir, tiny_run(data_cache) + [f"trainer.max_steps={TWO_RANK_STEPS}", "deepspeed.grad_accum_steps=2"])
+    return out_dir
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "zero_stage, checkpointing", [(2, False), (3, True)], ids=["zero2", "zero3-activation-checkpointing"]
+)
+def test_two_rank_zero_matches_single_process_gradient_accumulation(
+    zero_stage, checkpointing, single_process_accumulation, data_cache, tmp_path
+):
     """2 gloo ranks x 2 rows under ZeRO 2/3 see the same rows per step as 1 process x 2 micro-batches of 2 rows:
-    same losses and gradient norms up to summation order; then a resume of the sharded checkpoint continues."""
-    steps = 6
+    same losses and gradient norms up to summation order (ZeRO 3 also with activation checkpointing, which must not
+    change them: ZeRO 3 gathers the parameters again for the recomputation); then a resume of the sharded
+    checkpoint continues."""
+    steps = TWO_RANK_STEPS
     base = tiny_run(data_cache) + [f"trainer.max_steps={steps}"]
-    single = train(tmp_path / "single", base + ["deepspeed.grad_accum_steps=2"])
+    sharding = [f"deepspeed=zero{zero_stage}", "deepspeed.micro_batch_size=2",
+                f"model.activation_checkpointing={str(checkpointing).lower()}"]  # fmt: skip
     sharded_dir = tmp_path / f"zero{zero_stage}"
-    sharded = train(sharded_dir, base + [f"deepspeed=zero{zero_stage}", "deepspeed.micro_batch_size=2"], nproc=2)
-    assert "2 rank(s) on cpu" in single.stdout + sharded.stdout
-    expected, got = read_metrics(tmp_path / "single"), read_metrics(sharded_dir)
+    sharded = train(sharded_dir, base + sharding, nproc=2)
+    assert "2 rank(s) on cpu" in sharded.stdout
+    expected, got = read_metrics(single_process_accumulation), read_metrics(sharded_dir)
     assert sorted(got) == list(range(1, steps + 1))
     for step in got:
         assert got[step]["ce_loss"] == pytest.approx(expected[step]["ce_loss"], rel=1e-4), step
@@ -196,8 +240,7 @@ def test_two_rank_zero_matches_single_process_gradient_accumulation(zero_stage, 
         "trainer_state_rank0.pt",
         "trainer_state_rank1.pt",
     ]
-    more = train(sharded_dir, base[:-1] + [f"trainer.max_steps={steps + 2}", f"deepspeed=zero{zero_stage}",
-                                           "deepspeed.micro_batch_size=2"], nproc=2)
+    more = train(sharded_dir, base[:-1] + [f"trainer.max_steps={steps + 2}", *sharding], nproc=2)
     assert f"at step {steps}" in more.stdout
     assert max(read_metrics(sharded_dir)) == steps + 2
 
@@ -274,3 +317,17 @@ def test_bf16_engine_keeps_the_fp32_buffers_fp32(tmp_path):
     # Each step moves every bias by exactly +-1e-3 (sign of the load imbalance): exact multiples only in fp32.
     bias = report["expert_bias"]
     assert any(bias) and all(abs(value * 1000 - round(value * 1000)) < 1e-6 for value in bias), bias
+
+
+@pytest.mark.slow
+def test_smoke_experiment_reaches_its_target_and_prints_the_checkpoint(tmp_path):
+    """`make smoke`'s run (`train.py experiment=smoke`) from a cold data cache: ~4 min on a busy 2-core machine."""
+    out_dir = tmp_path / "smoke"
+    result = train(out_dir, ["experiment=smoke", f"data.cache_dir={tmp_path / 'cache'}", "trainer.progress_bar=false"],
+                   timeout=900)  # fmt: skip
+    assert "(val loss below 0.88 x unigram baseline)" in result.stdout, result.stdout[-3000:]
+    last = read_metrics(out_dir, key="val_loss")[max(read_metrics(out_dir, key="val_loss"))]
+    assert last["val_loss"] < 0.88 * last["unigram_loss"]
+    assert f"final val loss {last['val_loss']:.4f} (step {last['step']}) vs unigram baseline" in result.stdout
+    checkpoint = complete_checkpoints(out_dir)[-1]
+    assert checkpoint.name == f"step_{last['step']:08d}" and f"checkpoint: {checkpoint}" in result.stdout

@@ -39,6 +39,7 @@ __all__ = [
     "resolve_cache_dir",
     "segment_ids_from_cu_seqlens",
     "unigram_cross_entropy",
+    "unigram_log_probs",
 ]
 
 
@@ -48,7 +49,8 @@ class DataBundle:
     train: TrainIterator  # infinite; next() -> Batch; state_dict() / load_state_dict() resume exactly
     val_batches: Callable[..., Iterator[Batch]]  # val_batches(max_batches=None): same batches on every call
     vocab_size: int  # len(tokenizer)
-    unigram_loss: float  # nats/token of an add-one unigram fitted on train targets, on val targets
+    unigram_loss: float  # nats/token of an add-one unigram fitted on train targets, on all val targets
+    unigram_log_probs: torch.Tensor  # float64 [vocab]: that unigram, to score the targets of any batch
     stats: dict = field(default_factory=dict)  # documents/tokens per split, for logging
 
 
@@ -56,12 +58,16 @@ def resolve_cache_dir(cfg: DataConfig) -> Path:
     return Path(cfg.cache_dir or os.environ.get("HYBRIDLM_CACHE") or Path.home() / ".cache" / "hybridlm").expanduser()
 
 
+def unigram_log_probs(train_counts: np.ndarray) -> np.ndarray:
+    """Log-probabilities of the add-one smoothed unigram fitted on `train_counts`."""
+    train_counts = np.asarray(train_counts, dtype=np.float64)
+    return np.log(train_counts + 1.0) - math.log(train_counts.sum() + len(train_counts))
+
+
 def unigram_cross_entropy(train_counts: np.ndarray, val_counts: np.ndarray) -> float:
     """Cross-entropy (nats/token) on `val_counts` of the add-one smoothed unigram fitted on `train_counts`."""
-    train_counts = np.asarray(train_counts, dtype=np.float64)
     val_counts = np.asarray(val_counts, dtype=np.float64)
-    log_probs = np.log(train_counts + 1.0) - math.log(train_counts.sum() + len(train_counts))
-    return float(-(val_counts * log_probs).sum() / val_counts.sum())
+    return float(-(val_counts * unigram_log_probs(train_counts)).sum() / val_counts.sum())
 
 
 def _check_model_vocab(vocab_size: int, model_vocab_size: int | None, what: str) -> None:
@@ -131,8 +137,15 @@ def build_data(
         "val_tokens": store.val.num_tokens,
         "val_batches": val_batches.num_batches,
     }
+    if store.val.num_tokens < cfg.min_val_tokens:
+        raise ValueError(
+            f"the validation split has {store.val.num_tokens} tokens ({store.val.num_documents} documents), fewer than "
+            f"data.min_val_tokens={cfg.min_val_tokens}; raise data.val_fraction={cfg.val_fraction}"
+            + (f" or data.max_documents={cfg.max_documents}" if cfg.max_documents else "")
+        )
     unigram = unigram_cross_entropy(store.train_target_counts, store.val_target_counts)
-    return DataBundle(store.tokenizer, train, val_batches, vocab_size, unigram, stats)
+    log_probs = torch.from_numpy(unigram_log_probs(store.train_target_counts))
+    return DataBundle(store.tokenizer, train, val_batches, vocab_size, unigram, log_probs, stats)
 
 
 def _check_val_size(val_batches: ValidationBatches, val_rows: int, global_rows: int, fix: str) -> None:
@@ -167,10 +180,12 @@ def _build_mqar(cfg: MQARConfig, seq_len: int, seed: int, model_vocab_size: int 
     )
     _check_val_size(val_batches, len(val_examples), slicing["micro_batch_size"] * slicing["world_size"],
                     "raise data.mqar.num_val_examples")
-    unigram = unigram_cross_entropy(answer_counts(cfg, train_examples), answer_counts(cfg, val_examples))
+    train_answers = answer_counts(cfg, train_examples)
+    unigram = unigram_cross_entropy(train_answers, answer_counts(cfg, val_examples))
     stats = {
         "train_documents": len(train_examples),
         "val_documents": len(val_examples),
         "val_batches": val_batches.num_batches,
     }
-    return DataBundle(mqar_tokenizer(cfg), train, val_batches, cfg.vocab_size, unigram, stats)
+    log_probs = torch.from_numpy(unigram_log_probs(train_answers))
+    return DataBundle(mqar_tokenizer(cfg), train, val_batches, cfg.vocab_size, unigram, log_probs, stats)

@@ -85,6 +85,7 @@ class DataConfig:
     tokenizer_train_chars: int = 200_000_000  # BPE trains on a deterministic sample of this many characters
     cache_dir: str = ""  # "" -> $HYBRIDLM_CACHE or ~/.cache/hybridlm
     val_fraction: float = 0.02  # held-out share of documents, chosen by a hash of each document's text
+    min_val_tokens: int = 0  # >0: fail before training when the held-out split is smaller than this
     max_documents: int = 0  # 0 = all; caps stdlib/text_files sources for quick runs
     pack: bool = True  # pack documents into rows (boundaries in cu_seqlens); False: one document per row, padded
     mqar: MQARConfig = field(default_factory=MQARConfig)
@@ -115,5 +116,7 @@ class DataConfig:
                 f"data.val_fraction={self.val_fraction} must be in (0, 1): a held-out split is needed "
                 "for validation and the unigram baseline"
             )
+        if self.min_val_tokens < 0:
+            raise ValueError(f"data.min_val_tokens={self.min_val_tokens} must be >= 0 (0 = no minimum)")
         if self.max_documents < 0:
             raise ValueError(f"data.max_documents={self.max_documents} must be >= 0 (0 = all documents)")

@@ -92,8 +92,10 @@ class TrainIterator(_RankSlice):
 class ValidationBatches:
     """Callable giving a fresh iterator over this rank's validation batches, identical on every call.
 
-    Every rank yields `num_batches` full batches: the rows of the finite validation stream are dealt out global batch
-    by global batch, and a last incomplete global batch is dropped so that ranks stay in step.
+    The rows of the finite validation stream are dealt out global batch by global batch, and a last incomplete
+    global batch is dropped so that ranks stay in step: `num_batches` in all. `max_batches` of them are taken evenly
+    spaced over the whole split (documents are stored in source order, so the first few batches would cover only
+    the first few documents); the batches in between are skipped cheaply.
     """
 
     def __init__(self, make_rows: Callable[[], object], num_rows: int, *, micro_batch_size: int, rank: int,
@@ -102,9 +104,24 @@ class ValidationBatches:
         self._slice = (micro_batch_size, rank, world_size)
         self.num_batches = num_rows // (micro_batch_size * world_size)
 
-    def __call__(self, max_batches: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    def indices(self, max_batches: int | None = None) -> list[int]:
+        """Which of the `num_batches` batches `max_batches` selects (all when None or larger)."""
         if max_batches is not None and max_batches < 1:
             raise ValueError(f"max_batches={max_batches} must be >= 1 (or None for the whole split)")
-        count = self.num_batches if max_batches is None else min(max_batches, self.num_batches)
+        if max_batches is None or max_batches >= self.num_batches:
+            return list(range(self.num_batches))
+        return [round(i * (self.num_batches - 1) / max(max_batches - 1, 1)) for i in range(max_batches)]
+
+    def __call__(self, max_batches: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
+        chosen = self.indices(max_batches)
         ranked = _RankSlice(self._make_rows(), *self._slice)
-        return (ranked.next_batch() for _ in range(count))
+
+        def batches() -> Iterator[dict[str, torch.Tensor]]:
+            position = 0
+            for index in chosen:
+                for _ in range((index - position) * ranked.micro_batch_size * ranked.world_size):
+                    ranked.rows.skip_row()
+                yield ranked.next_batch()
+                position = index + 1
+
+        return batches()

@@ -153,19 +153,22 @@ def _build_data_in_turn(cfg: TrainConfig, info: DistInfo):
     return bundle
 
 
-def _validate(engine, bundle, max_batches: int, device: torch.device) -> float:
-    """Token-weighted mean cross-entropy over `max_batches` validation batches per rank, averaged over ranks."""
-    sums = torch.zeros(2, dtype=torch.float64, device=device)
+def _validate(engine, bundle, max_batches: int, device: torch.device) -> tuple[float, float]:
+    """Token-weighted mean cross-entropy of the model and of the unigram baseline on the same targets: `max_batches`
+    validation batches per rank (spread over the split), over all ranks."""
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    unigram_log_probs = bundle.unigram_log_probs.to(device)
     engine.eval()
     with torch.no_grad():
         for batch in bundle.val_batches(max_batches):
             batch = {key: value.to(device) for key, value in batch.items()}
             out = engine(**batch)
-            targets = (batch["labels"] != IGNORE_INDEX).sum()
-            sums += torch.stack([out.ce_loss.double() * targets, targets.double()])
+            labels = batch["labels"][batch["labels"] != IGNORE_INDEX]
+            targets = torch.tensor(labels.numel(), dtype=torch.float64, device=device)
+            sums += torch.stack([out.ce_loss.double() * targets, -unigram_log_probs[labels].sum(), targets])
     engine.train()
     dist.all_reduce(sums)
-    return float(sums[0] / sums[1])
+    return float(sums[0] / sums[2]), float(sums[1] / sums[2])
 
 
 def _stop_if_signalled_during_start_up(preemption: PreemptionHandler, stage: str) -> None:
@@ -242,7 +245,7 @@ def _train(cfg: TrainConfig, preemption: PreemptionHandler) -> dict:
     )
     report.say(
         f"data: {cfg.data.source}, vocab {bundle.vocab_size}, {bundle.stats} | unigram baseline "
-        f"{bundle.unigram_loss:.4f} nats/token"
+        f"{bundle.unigram_loss:.4f} nats/token on the whole validation split"
     )
     report.say(
         f"engine: {info.world_size} rank(s) on {info.device.type}, ZeRO {ds.zero_stage}, "
@@ -256,7 +259,7 @@ def _train(cfg: TrainConfig, preemption: PreemptionHandler) -> dict:
     window = MetricsWindow(info.device, moe_layer_ids)
     # ZeRO 0 in fp32 clips inside DeepSpeed without keeping the norm; measure it before the step instead.
     measure_grad_norm = ds.zero_stage == 0 and not engine.bfloat16_enabled()
-    checkpoint, val_loss, evaluated_step = resume_from, None, None
+    checkpoint, val_loss, unigram_loss, evaluated_step = resume_from, None, None, None
 
     def save() -> Path:
         trainer_state = {
@@ -311,14 +314,15 @@ def _train(cfg: TrainConfig, preemption: PreemptionHandler) -> dict:
         window.pause()
         final = stop_reason is not None
         if (trainer.eval_every and step % trainer.eval_every == 0) or (final and stop_reason == "max_steps"):
-            val_loss, evaluated_step = _validate(engine, bundle, trainer.eval_batches, info.device), step
-            report.record(step, {"val_loss": val_loss, "unigram_loss": bundle.unigram_loss})
+            val_loss, unigram_loss = _validate(engine, bundle, trainer.eval_batches, info.device)
+            evaluated_step = step
+            report.record(step, {"val_loss": val_loss, "unigram_loss": unigram_loss})
             report.say(
                 f"step {step}: val loss {val_loss:.4f} (ppl {np.exp(min(val_loss, 50)):.1f}) | unigram baseline "
-                f"{bundle.unigram_loss:.4f} | ratio {val_loss / bundle.unigram_loss:.3f}"
+                f"{unigram_loss:.4f} | ratio {val_loss / unigram_loss:.3f}"
             )
             target = trainer.stop_at_val_below_unigram_ratio
-            if not final and target and val_loss < target * bundle.unigram_loss:
+            if not final and target and val_loss < target * unigram_loss:
                 stop_reason = f"val loss below {target} x unigram baseline"
         if (trainer.save_every and step % trainer.save_every == 0) or stop_reason:
             checkpoint = save()
@@ -328,7 +332,7 @@ def _train(cfg: TrainConfig, preemption: PreemptionHandler) -> dict:
     elapsed = time.perf_counter() - start_time
     report.say(f"stopped at step {step}/{trainer.max_steps} ({stop_reason}) after {elapsed:.0f} s")
     if val_loss is not None:
-        report.say(f"final val loss {val_loss:.4f} (step {evaluated_step}) vs unigram baseline {bundle.unigram_loss:.4f}")
+        report.say(f"final val loss {val_loss:.4f} (step {evaluated_step}) vs unigram baseline {unigram_loss:.4f}")
     report.say(f"checkpoint: {checkpoint}")
     if stop_reason == "preemption signal":
         preemption.requeue()  # the checkpoint is saved on every rank; does not return
@@ -349,7 +353,7 @@ def _train(cfg: TrainConfig, preemption: PreemptionHandler) -> dict:
         "step": step,
         "checkpoint": checkpoint,
         "val_loss": val_loss,
-        "unigram_loss": bundle.unigram_loss,
+        "unigram_loss": unigram_loss,
         "stop_reason": stop_reason,
         "export": exported,
     }
