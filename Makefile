@@ -14,10 +14,12 @@ export TRITON_INTERPRET := 1
 endif
 PYTEST_ARGS ?=
 
-.PHONY: install smoke test test-gpu test-all clean
+.PHONY: install install-dev smoke test test-gpu clean
 
 install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
 
+# The package and its runtime dependencies: all that `make smoke` needs.
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
@@ -28,16 +30,21 @@ else
 	$(PIP) install -q torch==2.13.0
 endif
 	$(PY) -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > $(VENV)/torch-constraint.txt
+	$(PIP) install -q -c $(VENV)/torch-constraint.txt -e .
+	touch $@
+
+# The test tools on top (pytest, ninja, lm-eval and its large dependency tree), only for `make test`.
+$(VENV)/.installed-dev: $(VENV)/.installed
 	$(PIP) install -q -c $(VENV)/torch-constraint.txt -e '.[dev]'
 	touch $@
 
 smoke: install
 	$(PY) train.py experiment=smoke
 
-test: install
+test: install-dev
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test-gpu: install
+test-gpu: install-dev
 	$(PY) -m pytest -m gpu $(PYTEST_ARGS)
 
 clean:
