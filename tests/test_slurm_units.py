@@ -116,7 +116,6 @@ def test_signal_while_building_the_data_exits_before_training_with_nothing_saved
     assert not (out_dir / "metrics.jsonl").exists() and not (out_dir / "checkpoints").exists()
 
 
-@pytest.mark.slow
 def test_signal_while_loading_the_checkpoint_exits_before_training_and_keeps_it(run_overrides, tmp_path):
     out_dir = tmp_path / "run"
     train(out_dir, run_overrides + ["trainer.stop_at_step=3"])
@@ -127,7 +126,6 @@ def test_signal_while_loading_the_checkpoint_exits_before_training_and_keeps_it(
     assert (out_dir / "metrics.jsonl").read_text() == before  # not one more step
 
 
-@pytest.mark.slow
 def test_signal_mid_run_and_again_during_the_save_then_resume_matches_the_uninterrupted_run(run_overrides, tmp_path):
     reference_dir, out_dir = tmp_path / "reference", tmp_path / "preempted"
     train(reference_dir, run_overrides)
