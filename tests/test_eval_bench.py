@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ def run(*argv: str, timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.parametrize("script", ["train_throughput.py", "decode.py", "plot.py", "../recall.py"])
+@pytest.mark.parametrize("script", ["train_throughput.py", "decode.py", "plot.py", "../recall.py", "../deepconf.py"])
 def test_help_works_without_a_gpu(script):
     proc = run(str(BENCH / script), "--help")
     assert proc.returncode == 0, proc.stderr
@@ -37,20 +38,35 @@ def test_full_run_without_cuda_explains_itself(script):
 
 
 def check_metadata(report: dict) -> None:
-    for key in ("command", "date", "device", "versions"):
+    for key in ("command", "date", "device", "versions", "git"):
         assert report[key], key
-    assert report["tiny"] is True
+    assert report["tiny"] is True and report["complete"] is True
     assert {"torch", "transformers", "hybridlm"} <= set(report["versions"])
 
 
+@pytest.mark.slow  # both suites, the transformers twin and five experts implementations: ~50 s on 2 cores
 def test_train_throughput_smoke(tmp_path):
     out = tmp_path / "train.json"
     proc = run(str(BENCH / "train_throughput.py"), "--device", "cpu", "--tiny", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(out.read_text())
     check_metadata(report)
-    assert [row["impl"] for row in report["transformers"]] == ["hybridlm", "transformers"]
-    assert all(row["tokens_per_s"] > 0 for row in report["transformers"])
+    rows = {(row["impl"], row["data"]): row for row in report["transformers"]}
+    assert list(rows) == [("hybridlm", "packed"), ("hybridlm", "rows"), ("transformers", "packed"),
+                          ("transformers", "rows")]
+    assert rows["hybridlm", "packed"]["tokens_per_s"] > 0 and rows["transformers", "rows"]["tokens_per_s"] > 0
+    assert report["documents"]["segments"] > rows["hybridlm", "packed"]["batch"]  # several documents per row
+    # Without fla (hidden on CPU) transformers cannot keep packed documents apart, and says so.
+    assert "flash-linear-attention" in rows["transformers", "packed"]["error"]
+    kernels = report["transformers_kernels"]
+    assert kernels["functions"]["torch_chunk_gated_delta_rule"] == "torch fallback"
+    assert {"eager", "grouped_mm", "batched_mm"} <= set(kernels["experts_implementations"])
+    probed = {p["experts_implementation"]: p for p in kernels["experts_probes"]}
+    assert set(probed) == set(kernels["experts_implementations"])
+    fastest = min((p for p in probed.values() if p.get("step_s")), key=lambda p: p["step_s"])
+    assert kernels["experts_implementation"] == fastest["experts_implementation"]
+    assert rows["transformers", "rows"]["experts_implementation"] == fastest["experts_implementation"]
+    assert report["hybridlm_kernels"] == {"gdn": "torch", "moe": "torch", "attention": "sdpa"}
     hybrid = [row for row in report["crossover"] if row["model"] == "hybrid"]
     attention = [row for row in report["crossover"] if row["model"] == "attention"]
     assert [r["seq_len"] for r in hybrid] == [r["seq_len"] for r in attention] == [32, 64]
@@ -58,20 +74,63 @@ def test_train_throughput_smoke(tmp_path):
     assert abs(attention[0]["parameters"] / hybrid[0]["parameters"] - 1) < 0.05  # equal size within 5 %
     assert out.with_suffix(".png").stat().st_size > 0
 
-    tables = run(str(BENCH / "plot.py"), str(out), "--markdown-only")
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- bench-results:begin -->\nold table\n<!-- bench-results:end -->\nrest\n")
+    tables = run(str(BENCH / "plot.py"), str(out), "--markdown-only", "--readme", str(readme))
     assert tables.returncode == 0, tables.stderr
-    assert "| hybridlm |" in tables.stdout and "| attention (A) |" in tables.stdout
+    assert "| hybridlm | packed |" in tables.stdout and "| attention (A) |" in tables.stdout
+    updated = readme.read_text()
+    assert "old table" not in updated and "| hybridlm | packed |" in updated
+    assert updated.startswith("intro\n") and updated.endswith("<!-- bench-results:end -->\nrest\n")
 
 
-def test_decode_smoke_generates_the_same_tokens_as_transformers(tmp_path):
+def test_packed_batches_follow_train_py_and_transformers_formats():
+    """The benchmark's data: rows cut by hybridlm.data.packing (what train.py's loader gives the model) and the
+    same tokens in transformers' flattened packed format."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import train_throughput
+    finally:
+        sys.path.remove(str(BENCH))
+    batch = train_throughput.packed_batch(vocab_size=50, seq_len=32, batch=3, mean_doc_tokens=10)
+    ids, cu = batch["input_ids"], batch["cu_seqlens"].long()
+    assert ids.shape == (3, 32) and int(cu[-1]) == 96 and set(range(0, 96, 32)) <= set(cu.tolist())
+    starts = torch.zeros(96, dtype=torch.bool)
+    starts[cu[:-1]] = True
+    assert torch.equal(batch["position_ids"].reshape(-1) == 0, starts)  # positions restart at each document
+    theirs = train_throughput.transformers_packed(batch)
+    assert torch.equal(theirs["input_ids"], ids.reshape(1, -1))
+    assert torch.equal(theirs["labels"][0] == -100, starts)  # no target across a document start
+    assert theirs["max_length_q"] == int(torch.diff(cu).max())
+    long = train_throughput.packed_batch(vocab_size=50, seq_len=32, batch=3, mean_doc_tokens=None)
+    assert long["cu_seqlens"].tolist() == [0, 32, 64, 96]  # the crossover's rows: one segment each
+
+
+def test_run_all_is_valid_bash_and_needs_a_gpu():
+    script = BENCH / "run_all.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    if not torch.cuda.is_available():
+        proc = subprocess.run(["bash", str(script)], cwd=REPO, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "PYTHON": sys.executable})
+        assert proc.returncode == 1 and "needs a CUDA GPU" in proc.stderr
+    proc = subprocess.run(["bash", str(script), "--fast"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "unknown argument: --fast" in proc.stderr
+
+
+@pytest.mark.parametrize("chunk", ["0", "16"])
+def test_decode_smoke_generates_the_same_tokens_as_transformers(tmp_path, chunk):
+    """One-pass and chunked prefill, the same way on both sides."""
     out = tmp_path / "decode.json"
-    proc = run(str(BENCH / "decode.py"), "--device", "cpu", "--tiny", "--out", str(out))
+    proc = run(str(BENCH / "decode.py"), "--device", "cpu", "--tiny", "--prefill-chunk", chunk, "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(out.read_text())
     check_metadata(report)
+    assert report["prefill_chunk"] == int(chunk)
+    assert report["kernels"]["transformers"]["functions"]["causal_conv1d_update"] == "torch fallback"
     rows = report["results"]
     assert [(r["impl"], r["batch"]) for r in rows] == [("hybridlm", 1), ("transformers", 1), ("hybridlm", 2),
                                                        ("transformers", 2)]
     # Same weights, greedy: our cached decoding and transformers' agree token for token.
     assert all(row["same_tokens"] for row in rows)
+    assert all(row["prefill_s"] > 0 and row["decode_s"] > 0 and "decode_peak_memory_gib" in row for row in rows)
     assert out.with_suffix(".png").stat().st_size > 0

@@ -1,10 +1,11 @@
 """Decoding throughput at long context, one GPU, bf16: hybridlm vs transformers' Qwen3NextForCausalLM.
 
-Both hold the same weights (the qwen3_next export of one random model). Each prefills a --context-token prompt per
-row (ours in chunks of --prefill-chunk tokens with its cache, so only a chunk's logits exist at once; transformers
-in one pass with logits_to_keep=1), then decodes --new-tokens greedily, one token per step with its cache.
-Reported: decode tokens/s (batch x new tokens / decode time), prefill time, peak memory, and whether both produced
-the same tokens.
+Both hold the same weights (the qwen3_next export of one random model) and run the same way: prefill a
+--context-token prompt per row with the cache (in one pass, or in chunks of --prefill-chunk tokens; logits of the
+last position only), then decode --new-tokens greedily, one token per step with the cache. Reported: decode tokens/s
+(batch x new tokens / decode time), prefill time, peak memory during the prefill and during decoding (reset in
+between, so the two columns compare like with like), and whether both produced the same tokens. After an
+out-of-memory error the run's tensors are released before the next one.
 
     python eval/bench/decode.py                               # GPU: the 1B preset, 32K context
     python eval/bench/decode.py --device cpu --tiny           # CPU smoke: plumbing only
@@ -30,7 +31,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--context", type=int, default=32768, help="prompt tokens per row")
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="rows decoded together")
-    parser.add_argument("--prefill-chunk", type=int, default=8192)
+    parser.add_argument("--prefill-chunk", type=int, default=0,
+                        help="prefill in chunks of this many tokens, both implementations (0: one pass)")
     parser.add_argument("--impls", nargs="+", choices=("hybridlm", "transformers"),
                         default=["hybridlm", "transformers"])
     parser.add_argument("--device", default="cuda")
@@ -39,70 +41,94 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="JSON path (default eval/bench/results/decode_<gpu>.json)")
     args = parser.parse_args(argv)
     if args.tiny:
-        args.context, args.new_tokens, args.batch, args.prefill_chunk = 48, 8, [1, 2], 16
-    for name in ("context", "new_tokens", "prefill_chunk"):
+        args.context, args.new_tokens, args.batch = 48, 8, [1, 2]
+        args.prefill_chunk = args.prefill_chunk and 16
+    for name in ("context", "new_tokens"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
+    if args.prefill_chunk < 0:
+        parser.error(f"--prefill-chunk={args.prefill_chunk} must be >= 0 (0: one pass)")
     if min(args.batch) < 1:
         parser.error(f"--batch {args.batch}: every batch size must be >= 1")
     return args
 
 
-def decode_hybridlm(model, prompt, new_tokens: int, chunk: int):
+def chunks(prompt, chunk: int):
+    """The prompt in pieces of `chunk` tokens along the sequence (one piece when chunk is 0)."""
+    step = chunk or prompt.shape[1]
+    return [prompt[:, start : start + step] for start in range(0, prompt.shape[1], step)]
+
+
+def prefill_hybridlm(model, prompt, chunk: int, new_tokens: int):
+    cache = model.new_cache(max_length=prompt.shape[1] + new_tokens)
+    for piece in chunks(prompt, chunk):
+        logits = model(piece, cache=cache, logits_to_keep=1).logits[:, -1]
+    return logits, cache
+
+
+def step_hybridlm(model, token, cache):
+    return model(token[:, None], cache=cache).logits[:, -1], cache
+
+
+def prefill_transformers(model, prompt, chunk: int, new_tokens: int):
+    past = None
+    for piece in chunks(prompt, chunk):
+        out = model(input_ids=piece, past_key_values=past, use_cache=True, logits_to_keep=1)
+        past = out.past_key_values
+    return out.logits[:, -1], past
+
+
+def step_transformers(model, token, past):
+    out = model(input_ids=token[:, None], past_key_values=past, use_cache=True)
+    return out.logits[:, -1], out.past_key_values
+
+
+IMPLEMENTATIONS = {"hybridlm": (prefill_hybridlm, step_hybridlm),
+                   "transformers": (prefill_transformers, step_transformers)}
+
+
+def generate(name: str, model, prompt, new_tokens: int, chunk: int, device) -> dict:
+    """Greedy generation with timings and the peak memory of each phase; "tokens" [B, new_tokens]."""
     import torch
 
-    cache = model.new_cache()
-    with torch.no_grad():
-        for start in range(0, prompt.shape[1], chunk):
-            logits = model(prompt[:, start : start + chunk], cache=cache).logits[:, -1]
-        e2e.synchronize(prompt.device)
-        prefilled = time.perf_counter()
-        tokens = []
-        for _ in range(new_tokens):
-            token = logits.argmax(dim=-1)
-            tokens.append(token)
-            logits = model(token[:, None], cache=cache).logits[:, -1]
-    return prefilled, torch.stack(tokens, dim=1)
-
-
-def decode_transformers(model, prompt, new_tokens: int, chunk: int):
-    import torch
-
-    with torch.no_grad():
-        out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
-        logits, past = out.logits[:, -1], out.past_key_values
-        e2e.synchronize(prompt.device)
-        prefilled = time.perf_counter()
-        tokens = []
-        for _ in range(new_tokens):
-            token = logits.argmax(dim=-1)
-            tokens.append(token)
-            out = model(input_ids=token[:, None], past_key_values=past, use_cache=True)
-            logits, past = out.logits[:, -1], out.past_key_values
-    return prefilled, torch.stack(tokens, dim=1)
-
-
-def measure(name: str, model, decode, prompt, args, device) -> tuple[dict, object]:
-    e2e.reset_peak_memory(device)
-    decode(model, prompt[:, : min(prompt.shape[1], args.prefill_chunk)], 2, args.prefill_chunk)  # warm-up
+    prefill, step = IMPLEMENTATIONS[name]
     e2e.reset_peak_memory(device)
     e2e.synchronize(device)
-    try:
-        started = time.perf_counter()
-        prefilled, tokens = decode(model, prompt, args.new_tokens, args.prefill_chunk)
+    started = time.perf_counter()
+    with torch.no_grad():
+        logits, state = prefill(model, prompt, chunk, new_tokens)
         e2e.synchronize(device)
-        finished = time.perf_counter()
-    except (RuntimeError, MemoryError) as error:
+        prefilled = time.perf_counter()
+        prefill_peak = e2e.peak_memory_gib(device)
+        e2e.reset_peak_memory(device)
+        tokens = []
+        for _ in range(new_tokens):
+            token = logits.argmax(dim=-1)
+            tokens.append(token)
+            logits, state = step(model, token, state)
+        e2e.synchronize(device)
+    finished = time.perf_counter()
+    return {"tokens": torch.stack(tokens, dim=1), "prefill_s": prefilled - started, "decode_s": finished - prefilled,
+            "prefill_peak_memory_gib": prefill_peak, "decode_peak_memory_gib": e2e.peak_memory_gib(device)}
+
+
+def measure(name: str, model, prompt, args, device) -> tuple[dict, object]:
+    """One implementation at one batch size: a short warm-up (kernel compilation), then the timed run."""
+    import torch
+
+    row = {"impl": name, "batch": prompt.shape[0], "context": prompt.shape[1], "new_tokens": args.new_tokens}
+    try:
+        generate(name, model, prompt[:, : min(prompt.shape[1], 1024)], 2, args.prefill_chunk, device)
+        run = generate(name, model, prompt, args.new_tokens, args.prefill_chunk, device)
+    except (RuntimeError, MemoryError, torch.OutOfMemoryError) as error:
         if not e2e.is_oom(error):
             raise
-        return {"impl": name, "batch": prompt.shape[0], "oom": True}, None
-    batch = prompt.shape[0]
-    return {
-        "impl": name, "batch": batch, "context": prompt.shape[1], "new_tokens": args.new_tokens, "oom": False,
-        "prefill_s": prefilled - started, "decode_s": finished - prefilled,
-        "decode_tokens_per_s": batch * args.new_tokens / (finished - prefilled),
-        "peak_memory_gib": e2e.peak_memory_gib(device),
-    }, tokens
+        e2e.release_memory(device)
+        return {**row, "oom": True}, None
+    tokens = run.pop("tokens")
+    e2e.release_memory(device)
+    return {**row, "oom": False, **run,
+            "decode_tokens_per_s": prompt.shape[0] * args.new_tokens / run["decode_s"]}, tokens
 
 
 def main(argv=None) -> int:
@@ -120,31 +146,41 @@ def main(argv=None) -> int:
         import dataclasses
 
         cfg = dataclasses.replace(cfg, max_position_embeddings=args.context + args.new_tokens)
-    model = e2e.build_hybridlm(cfg, device, dtype).eval()
-    models = {"hybridlm": (model, decode_hybridlm)}
     if "transformers" in args.impls:
-        models["transformers"] = (e2e.build_transformers_twin(model, device, dtype).eval(), decode_transformers)
+        e2e.check_exportable(cfg)
+    model = e2e.build_hybridlm(cfg, device, dtype).eval()
+    models = {"hybridlm": model}
+    kernels = {"hybridlm": e2e.hybridlm_kernels(cfg, device)}
+    if "transformers" in args.impls:
+        kernels["transformers"] = e2e.transformers_kernels()
+        if device.type == "cuda":
+            e2e.require_fla(kernels["transformers"])
+        models["transformers"] = e2e.build_transformers_twin(model, device, dtype).eval()
     if "hybridlm" not in args.impls:
         del models["hybridlm"]
-    generator = torch.Generator(device="cpu").manual_seed(0)
+    tag = e2e.device_tag(device)
+    out = args.out or e2e.RESULTS / f"decode_{tag}{'_tiny' if args.tiny else ''}.json"
     rows = []
+    report = {"benchmark": "decode", **run_metadata(str(device)), "dtype": str(dtype).removeprefix("torch."),
+              "tiny": args.tiny, "complete": False,
+              "model": {"layer_pattern": cfg.layer_pattern, **cfg.parameter_counts()},
+              "prefill_chunk": args.prefill_chunk, "kernels": kernels, "results": rows}
+    generator = torch.Generator(device="cpu").manual_seed(0)
     for batch in args.batch:
         prompt = torch.randint(0, cfg.vocab_size, (batch, args.context), generator=generator).to(device)
         outputs = {}
-        for name, (impl_model, decode) in models.items():
-            row, outputs[name] = measure(name, impl_model, decode, prompt, args, device)
+        for name, impl_model in models.items():
+            row, outputs[name] = measure(name, impl_model, prompt, args, device)
             rows.append(row)
+            write_json(out, report)  # a run stopped early keeps what it measured
         if all(t is not None for t in outputs.values()) and len(outputs) == 2:
             same = bool(torch.equal(outputs["hybridlm"], outputs["transformers"]))
             for row in rows[-2:]:
                 row["same_tokens"] = same
-            ours, theirs = rows[-2].get("decode_tokens_per_s"), rows[-1].get("decode_tokens_per_s")
-            rows[-2]["speedup_vs_transformers"] = ours / theirs
-    report = {"benchmark": "decode", **run_metadata(str(device)), "dtype": str(dtype).removeprefix("torch."),
-              "tiny": args.tiny, "model": {"layer_pattern": cfg.layer_pattern, **cfg.parameter_counts()},
-              "results": rows}
-    tag = e2e.device_tag(device)
-    out = args.out or e2e.RESULTS / f"decode_{tag}{'_tiny' if args.tiny else ''}.json"
+            rows[-2]["speedup_vs_transformers"] = rows[-2]["decode_tokens_per_s"] / rows[-1]["decode_tokens_per_s"]
+        del prompt, outputs
+        e2e.release_memory(device)
+    report["complete"] = True
     write_json(out, report)
     from plot import render
 

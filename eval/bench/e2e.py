@@ -4,6 +4,7 @@ transformers twin of a hybridlm model with identical weights, and timing."""
 from __future__ import annotations
 
 import dataclasses
+import gc
 import statistics
 import sys
 import time
@@ -81,10 +82,21 @@ def build_hybridlm(cfg, device, dtype, seed: int = 0):
     return model.to(dtype)
 
 
+def check_exportable(cfg) -> None:
+    """Exit before any work when the transformers twin cannot express `cfg` (the qwen3_next format)."""
+    from hybridlm.export.formats import FORMATS, ExportError
+
+    try:
+        FORMATS["qwen3_next"].check_fits(cfg)
+    except ExportError as error:
+        sys.exit(f"the transformers comparison needs a qwen3_next-exportable model: {error}")
+
+
 def build_transformers_twin(model, device, dtype, experts_implementation: str = "grouped_mm"):
     """transformers' Qwen3NextForCausalLM with `model`'s weights, through our qwen3_next export and
-    `from_pretrained` (the path users take). On CUDA it uses fla's kernels for the Gated DeltaNet layers when fla is
-    installed, as transformers does by default; `experts_implementation` picks its MoE path."""
+    `from_pretrained` (the path users take). transformers picks its Gated DeltaNet and short-convolution kernels
+    when its modeling module is imported (fla / causal-conv1d when importable, else its PyTorch code): see
+    `transformers_kernels`. `experts_implementation` picks its MoE path (`set_experts_implementation` changes it)."""
     import tempfile
 
     import torch
@@ -100,6 +112,62 @@ def build_transformers_twin(model, device, dtype, experts_implementation: str = 
         twin = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, attn_implementation="sdpa",
                                                     experts_implementation=experts_implementation)
     return twin.to(device)
+
+
+# The functions transformers' Qwen3-Next modeling resolves at import to an installed package or its PyTorch code.
+TRANSFORMERS_KERNEL_FUNCTIONS = ("torch_chunk_gated_delta_rule", "torch_recurrent_gated_delta_rule",
+                                 "causal_conv1d_fn", "causal_conv1d_update")
+
+
+def transformers_kernels() -> dict:
+    """{function: "module.qualname" of what transformers' Qwen3-Next actually calls, or "torch fallback"} plus the
+    experts implementations it registers. Read from the closures of its kernel wrappers (transformers 5.2x's
+    `use_kernel_func_from_hub_with_fallback`); "unknown" when that structure changes."""
+    import transformers.models.qwen3_next.modeling_qwen3_next as qwen3_next
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    resolved = {}
+    for name in TRANSFORMERS_KERNEL_FUNCTIONS:
+        function = getattr(qwen3_next, name)
+        cells = dict(zip(function.__code__.co_freevars, (c.cell_contents for c in function.__closure__ or ())))
+        implementation = cells.get("implementation")
+        if implementation is None or "is_new_implementation" not in cells:
+            resolved[name] = "unknown"
+        elif cells["is_new_implementation"]:
+            resolved[name] = f"{implementation.__module__}.{implementation.__qualname__}"
+        else:
+            resolved[name] = "torch fallback"
+    return {"functions": resolved, "experts_implementations": ["eager", *ALL_EXPERTS_FUNCTIONS.keys()]}
+
+
+def require_fla(kernels: dict) -> None:
+    """On a GPU the baseline is transformers + fla: refuse to report numbers for its PyTorch fallback."""
+    chunk = kernels["functions"]["torch_chunk_gated_delta_rule"]
+    if not chunk.startswith("fla."):
+        sys.exit(f"transformers' Qwen3-Next resolved chunk_gated_delta_rule to {chunk!r}, not fla's kernel: the "
+                 "baseline would be its slow PyTorch code. Install flash-linear-attention (pip install "
+                 "flash-linear-attention) and check that `import fla.ops.gated_delta_rule` works on this GPU")
+
+
+def hybridlm_kernels(cfg, device) -> dict:
+    """The backends our model resolves on `device` (auto: Triton / FlexAttention on CUDA, PyTorch on CPU)."""
+    import torch
+
+    from hybridlm.layers.attention import resolve_backend as attention_backend
+    from hybridlm.ops import resolve_backend
+
+    probe = torch.empty(0, device=device)
+    return {"gdn": resolve_backend(cfg.gdn.backend, probe), "moe": resolve_backend(cfg.moe.backend, probe),
+            "attention": attention_backend(cfg.attention.backend, torch.device(device))}
+
+
+def release_memory(device) -> None:
+    """Return cached blocks after a run (or an out-of-memory error) so the next one starts from a clean pool."""
+    import torch
+
+    gc.collect()
+    if str(device).startswith("cuda"):
+        torch.cuda.empty_cache()
 
 
 def synchronize(device) -> None:

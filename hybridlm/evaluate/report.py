@@ -1,4 +1,5 @@
-"""What every result file records: the command, date, device and versions, so a number can be reproduced."""
+"""What every result file records: the command, date, device, versions and git commit, so a number can be
+reproduced."""
 
 from __future__ import annotations
 
@@ -6,8 +7,27 @@ import datetime
 import json
 import platform
 import shlex
+import subprocess
 import sys
 from pathlib import Path
+
+
+def git_state(directory: str | Path | None = None) -> dict:
+    """{"commit": HEAD, "dirty": uncommitted changes to tracked files} of the checkout holding `directory` (default:
+    this package's); {"commit": None} outside a git checkout."""
+    directory = Path(directory) if directory is not None else Path(__file__).resolve().parent
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *args], cwd=directory, capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if commit is None:
+        return {"commit": None}
+    return {"commit": commit, "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
 
 
 def run_metadata(device: str | None = None) -> dict:
@@ -36,6 +56,7 @@ def run_metadata(device: str | None = None) -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": device_name,
         "versions": versions,
+        "git": git_state(),
     }
 
 
