@@ -148,6 +148,48 @@ def test_cli_scores_text_files_like_the_library(tmp_path, export_dir, model):
     assert written["perplexity"] == pytest.approx(math.exp(nll / count), rel=1e-4)
 
 
+def test_cli_scores_a_token_store_split_with_a_progress_bar(tmp_path, export_dir, model, capsys):
+    """`hybridlm prepare-data` with the model's tokenizer, then `hybridlm eval ppl STORE` through the console entry
+    point: the val split's documents, scored as if alone, and a progress bar that counts every row."""
+    from hybridlm.cli import main
+    from hybridlm.data.store import open_stores
+
+    data = tmp_path / "corpus.jsonl"
+    data.write_text("".join(json.dumps({"text": f"{text} #{i}"}) + "\n" for i, text in enumerate(TEXTS)))
+    store = tmp_path / "store"
+    assert main(["prepare-data", "--source", "text_files", "--paths", str(data), "--tokenizer", str(export_dir),
+                 "--val-fraction", "0.4", "--out", str(store)]) == 0
+    val = open_stores([store]).val
+    assert 0 < val.num_documents < len(TEXTS)
+    capsys.readouterr()
+
+    out_json = tmp_path / "ppl.json"
+    assert main(["eval", "ppl", str(export_dir), "--data", str(store), "--split", "val", "--seq-len", "48",
+                 "--batch-size", "1", "--device", "cpu", "--progress", "--json", str(out_json)]) == 0
+    bar = capsys.readouterr().err
+    rows = num_document_rows(val, 48)
+    assert "perplexity: 100%" in bar and f"{rows}/{rows}" in bar
+    written = json.loads(out_json.read_text())
+    nll, count = per_document_nll(model, val, open_stores([store]).tokenizer.eos_token_id)
+    assert written["documents"] == val.num_documents and written["tokens"] == count
+    assert written["perplexity"] == pytest.approx(math.exp(nll / count), rel=1e-4)
+
+    assert main(["eval", "ppl", str(export_dir), "--data", str(store), "--device", "cpu", "--no-progress"]) == 0
+    assert "perplexity:" not in capsys.readouterr().err
+
+
+def test_cli_refuses_a_store_of_another_tokenizer(tmp_path, export_dir):
+    from hybridlm.cli import main
+
+    data = tmp_path / "corpus.jsonl"
+    data.write_text("".join(json.dumps({"text": f"{text} #{i}"}) + "\n" for i, text in enumerate(TEXTS)))
+    store = tmp_path / "store"
+    assert main(["prepare-data", "--source", "text_files", "--paths", str(data), "--vocab-size", "300",
+                 "--val-fraction", "0.5", "--out", str(store)]) == 0
+    with pytest.raises(ValueError, match="different tokenizer than the model's"):
+        main(["eval", "ppl", str(export_dir), "--data", str(store), "--device", "cpu"])
+
+
 def test_cli_names_a_missing_data_path(export_dir):
     with pytest.raises(FileNotFoundError, match="matches no file"):
         run_cli(["eval", "ppl", str(export_dir), "--data", "/nonexistent/*.jsonl", "--device", "cpu"])

@@ -32,17 +32,22 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     ppl.add_argument("--seq-len", type=int, default=2048, help="tokens per packed row")
     ppl.add_argument("--batch-size", type=int, default=8, help="rows per forward pass")
     ppl.add_argument("--max-documents", type=int, default=0, help="score only the first N documents (0 = all)")
+    ppl.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                     help="progress bar on stderr (default: when stderr is a terminal)")
     ppl.set_defaults(func=run_ppl)
 
     recall = tasks.add_parser("recall", help="MQAR accuracy at several numbers of key-value pairs",
                               description="Multi-query associative recall accuracy (greedy) of a model trained with "
-                                          "data=mqar, at each --num-kv-pairs (sequence length 4 x pairs).")
+                                          "data=mqar, at each --num-kv-pairs (an example of N pairs is 4 x N tokens).")
     common(recall)
     recall.add_argument("--num-kv-pairs", type=int, nargs="+", default=[4, 8, 16, 32, 64])
     recall.add_argument("--mqar-vocab-size", type=int, default=0,
-                        help="MQAR vocabulary; 0 reads data.mqar.vocab_size from the run's config.yaml")
+                        help="MQAR vocabulary; 0 reads data.mqar.vocab_size from the run's config.yaml (which also gives "
+                             "num_keys and the examples' seed)")
     recall.add_argument("--num-examples", type=int, default=256)
     recall.add_argument("--batch-size", type=int, default=64)
+    recall.add_argument("--seq-len", type=int, default=0,
+                        help="pad every example to this many tokens, e.g. the trained length (0: its own length)")
     recall.set_defaults(func=run_recall)
 
     deepconf = tasks.add_parser(
@@ -63,6 +68,12 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     deepconf.add_argument("--window", type=int, default=defaults.window, help="tokens per group confidence")
     deepconf.add_argument("--top-k", type=int, default=defaults.top_k, help="candidates per token confidence")
     deepconf.add_argument("--temperature", type=float, default=defaults.temperature)
+    deepconf.add_argument("--top-p", type=float, default=defaults.top_p, help="nucleus sampling (1: off)")
+    deepconf.add_argument("--consensus", type=float, default=defaults.consensus,
+                          help="stop once the leading answer holds this share of the vote (the paper: 0.95; 0: off)")
+    deepconf.add_argument("--round-size", type=int, default=defaults.round_size,
+                          help="traces decoded together after the warm-up; consensus is checked between rounds "
+                               "(0: all at once)")
     deepconf.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
     deepconf.add_argument("--seed", type=int, default=0)
     deepconf.set_defaults(func=run_deepconf)
@@ -125,7 +136,8 @@ def run_ppl(args: argparse.Namespace) -> int:
         raise SystemExit(f"--data {args.data} holds no documents in split {args.split!r}")
     total = -(-num_document_rows(documents, args.seq_len) // args.batch_size)
     batches = packed_batches(documents, seq_len=args.seq_len, batch_size=args.batch_size, eos_token_id=eos)
-    result = evaluate_perplexity(model, batches, progress=sys.stderr.isatty(), total=total)
+    progress = sys.stderr.isatty() if args.progress is None else args.progress
+    result = evaluate_perplexity(model, batches, progress=progress, total=total)
     result.documents = documents.num_documents
     return _finish(args, {"model": str(ckpt.source), "data": args.data, "split": args.split,
                           "seq_len": args.seq_len, **result.to_dict()})
@@ -149,19 +161,23 @@ def run_recall(args: argparse.Namespace) -> int:
     from hybridlm.evaluate.recall import mqar_sweep
 
     model, _, ckpt = load_model(args.model, args.device, args.dtype)
-    vocab_size = args.mqar_vocab_size
-    if not vocab_size:
-        data = run_config_section(Path(ckpt.source), "data")
-        if data is None or data.get("source") != "mqar":
-            raise SystemExit(f"{args.model} has no data=mqar training config beside it; pass --mqar-vocab-size")
-        vocab_size = int(data["mqar"]["vocab_size"])
+    # The token layout (vocabulary, which ids are keys, the examples' seed) is the run's; the pairs are ours.
+    layout = {}
+    data = run_config_section(Path(ckpt.source), "data")
+    if data is not None and data.get("source") == "mqar":
+        layout = {key: int(data["mqar"][key]) for key in ("vocab_size", "num_keys", "seed") if key in data["mqar"]}
+    if args.mqar_vocab_size:
+        layout["vocab_size"] = args.mqar_vocab_size
+    if "vocab_size" not in layout:
+        raise SystemExit(f"{args.model} has no data=mqar training config beside it; pass --mqar-vocab-size")
     try:
-        base = MQARConfig(num_kv_pairs=min(args.num_kv_pairs), vocab_size=vocab_size)
+        base = MQARConfig(num_kv_pairs=min(args.num_kv_pairs), **layout)
         results = mqar_sweep(model, base, args.num_kv_pairs, num_examples=args.num_examples,
-                             batch_size=args.batch_size)
+                             batch_size=args.batch_size, seq_len=args.seq_len)
     except ValueError as error:
         raise SystemExit(f"hybridlm eval recall: {error}") from None
-    return _finish(args, {"model": str(ckpt.source), "mqar_vocab_size": vocab_size, "results": results})
+    return _finish(args, {"model": str(ckpt.source), "mqar_vocab_size": base.vocab_size, "mqar_num_keys": base.keys,
+                          "results": results})
 
 
 def read_problems(path: Path) -> list[dict]:
@@ -185,7 +201,8 @@ def run_deepconf(args: argparse.Namespace) -> int:
 
     try:
         cfg = DeepConfConfig(num_traces=args.num_traces, num_warmup=args.num_warmup, keep_fraction=args.keep_fraction,
-                             window=args.window, top_k=args.top_k, temperature=args.temperature,
+                             window=args.window, top_k=args.top_k, temperature=args.temperature, top_p=args.top_p,
+                             consensus=args.consensus, round_size=args.round_size,
                              max_new_tokens=args.max_new_tokens)
         pattern = re.compile(args.answer_pattern)
     except (ValueError, re.error) as error:

@@ -5,14 +5,15 @@ candidates: a peaked distribution puts little mass on the runners-up, so their l
 and the confidence is high. A trace's group confidence is the mean token confidence over a sliding window of
 `window` tokens; its score is its lowest group confidence (the weakest stretch of reasoning).
 
-Online algorithm for one problem with a budget of N traces:
+Online algorithm for one problem with a budget of N traces (the paper's Algorithm 2):
   1. generate `num_warmup` traces in full;
   2. threshold = the (1 - keep_fraction) percentile of their scores (keep_fraction 0.9: "DeepConf-high",
      0.1: "DeepConf-low");
-  3. generate the other N - num_warmup traces, stopping a trace as soon as a full window's group confidence falls
-     under the threshold (its tokens are spent, its answer is dropped);
+  3. generate the other traces, `round_size` at a time, stopping a trace as soon as a full window's group
+     confidence falls under the threshold (its tokens are spent, its answer is dropped); with `consensus` = tau,
+     stop starting new rounds once the leading answer holds at least tau of the vote weight (adaptive sampling);
   4. vote among the traces whose score reaches the threshold, each weighted by its score.
-The baseline is plain majority voting over N traces generated in full with the same sampler.
+The baseline is plain majority voting over N traces generated in full with the same sampler (temperature, top-p).
 """
 
 from __future__ import annotations
@@ -36,12 +37,17 @@ class DeepConfConfig:
     window: int = 8  # tokens per group confidence
     top_k: int = 5  # candidates per token confidence
     temperature: float = 1.0
+    top_p: float = 1.0  # nucleus sampling: draw from the smallest set of tokens holding this much probability
     max_new_tokens: int = 64
+    consensus: float = 0.0  # tau: no new round once the leading answer holds this share of the vote (0: off)
+    round_size: int = 0  # traces decoded together after the warm-up; consensus is checked between rounds (0: all)
 
     def __post_init__(self) -> None:
         for name in ("num_traces", "num_warmup", "window", "top_k", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"deepconf {name}={getattr(self, name)} must be >= 1")
+        if self.round_size < 0:
+            raise ValueError(f"deepconf round_size={self.round_size} must be >= 0 (0: one round of all traces)")
         if self.num_warmup > self.num_traces:
             raise ValueError(
                 f"deepconf num_warmup={self.num_warmup} exceeds num_traces={self.num_traces}; "
@@ -51,6 +57,10 @@ class DeepConfConfig:
             raise ValueError(f"deepconf keep_fraction={self.keep_fraction} must be in (0, 1] (0.9 high, 0.1 low)")
         if self.temperature <= 0:
             raise ValueError(f"deepconf temperature={self.temperature} must be > 0 (sampling is what makes N traces)")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"deepconf top_p={self.top_p} must be in (0, 1] (1: sample from the whole distribution)")
+        if self.consensus and not 0.5 < self.consensus <= 1.0:
+            raise ValueError(f"deepconf consensus={self.consensus} must be 0 (off) or in (0.5, 1] (the paper: 0.95)")
 
 
 @dataclass
@@ -94,27 +104,42 @@ def calibrate_threshold(scores: Sequence[float], keep_fraction: float) -> float:
     return float(np.percentile(finite, 100.0 * (1.0 - keep_fraction)))
 
 
-def weighted_vote(answers: Sequence[Hashable | None], weights: Sequence[float]) -> Hashable | None:
-    """The answer with the largest total weight (ties: the one seen first); None answers do not vote."""
+def vote_totals(answers: Sequence[Hashable | None], weights: Sequence[float]) -> dict[Hashable, float]:
+    """Total weight of each answer, in order of first appearance; None answers do not vote."""
     totals: dict[Hashable, float] = {}
     for answer, weight in zip(answers, weights, strict=True):
         if answer is not None:
             totals[answer] = totals.get(answer, 0.0) + float(weight)
-    if not totals:
-        return None
-    return max(totals, key=totals.__getitem__)  # max keeps the first of equal keys, i.e. insertion order
+    return totals
+
+
+def weighted_vote(answers: Sequence[Hashable | None], weights: Sequence[float]) -> Hashable | None:
+    """The answer with the largest total weight (ties: the one seen first); None when no answer votes."""
+    totals = vote_totals(answers, weights)
+    return max(totals, key=totals.__getitem__) if totals else None  # max keeps the first of equal keys
+
+
+def leading_share(answers: Sequence[Hashable | None], weights: Sequence[float]) -> float:
+    """The leading answer's share of the vote weight (the paper's consensus beta); 0 when no answer votes."""
+    totals = vote_totals(answers, weights)
+    whole = sum(totals.values())
+    return max(totals.values()) / whole if whole > 0 else 0.0
 
 
 def majority_vote(answers: Sequence[Hashable | None]) -> Hashable | None:
     return weighted_vote(answers, [1.0] * len(answers))
 
 
-def _select_cache_rows(cache, keep: torch.Tensor) -> None:
-    """Drop finished traces from a batched decoding cache: every cached tensor is batch-first."""
-    for layer in cache.layers:
-        for key, value in layer.items():
-            if isinstance(value, torch.Tensor):
-                layer[key] = value.index_select(0, keep)
+def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """[B, V] logits -> [B] ids drawn from softmax(logits / temperature), restricted to the nucleus: the most likely
+    tokens whose probabilities, taken in decreasing order, first reach `top_p` (the most likely token always)."""
+    probs = F.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p  # the mass before a token already reaches top_p
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
 @torch.no_grad()
@@ -139,13 +164,12 @@ def generate_traces(
     traces = [Trace(tokens=[], token_confidences=[]) for _ in range(num_traces)]
     active = list(range(num_traces))  # trace index of each batch row
     stop = torch.tensor(list(stop_token_ids), device=device, dtype=torch.long)
-    cache = model.new_cache()
+    cache = model.new_cache(max_length=len(prompt_ids) + cfg.max_new_tokens)
     inputs = torch.tensor([list(prompt_ids)] * num_traces, device=device, dtype=torch.long)
     for _ in range(cfg.max_new_tokens):
         logits = model(inputs, cache=cache).logits[:, -1]
         confidence = token_confidence(logits, cfg.top_k).tolist()
-        probs = F.softmax(logits.float() / cfg.temperature, dim=-1)
-        sampled = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        sampled = sample_tokens(logits, cfg.temperature, cfg.top_p, generator)
         is_stop = torch.isin(sampled, stop).tolist()
         keep_rows = []
         for row, trace_index in enumerate(active):
@@ -164,7 +188,7 @@ def generate_traces(
             break
         if len(keep_rows) < len(active):
             keep = torch.tensor(keep_rows, device=device)
-            _select_cache_rows(cache, keep)
+            cache.select_rows(keep)
             sampled = sampled.index_select(0, keep)
             active = [active[row] for row in keep_rows]
         inputs = sampled[:, None]
@@ -196,19 +220,45 @@ def majority_baseline(model, prompt_ids, answer_fn: AnswerFn, *, stop_token_ids,
 
 def deepconf_online(model, prompt_ids, answer_fn: AnswerFn, *, stop_token_ids, cfg: DeepConfConfig,
                     generator: torch.Generator | None = None) -> VoteResult:
-    """Warm-up, calibrated early stopping, then a confidence-weighted vote over the traces that pass."""
-    warmup = generate_traces(model, prompt_ids, cfg.num_warmup, stop_token_ids=stop_token_ids, cfg=cfg,
+    """Warm-up, calibrated early stopping in rounds (until consensus, if set), then a confidence-weighted vote
+    over the traces that pass."""
+    traces = generate_traces(model, prompt_ids, cfg.num_warmup, stop_token_ids=stop_token_ids, cfg=cfg,
                              generator=generator)
-    threshold = calibrate_threshold([t.score for t in warmup], cfg.keep_fraction)
-    rest = generate_traces(model, prompt_ids, cfg.num_traces - cfg.num_warmup, stop_token_ids=stop_token_ids,
-                           cfg=cfg, threshold=threshold, generator=generator) if cfg.num_traces > cfg.num_warmup else []
-    traces = warmup + rest
-    voters = [t for t in traces if not t.stopped_early and t.score >= threshold]
-    for trace in voters:
-        trace.answer = answer_fn(trace.tokens)
+    threshold = calibrate_threshold([t.score for t in traces], cfg.keep_fraction)
+    round_size = cfg.round_size or cfg.num_traces
+    voters: list[Trace] = []
+
+    def add_voters(new: list[Trace]) -> None:
+        for trace in new:
+            if not trace.stopped_early and trace.score >= threshold:
+                trace.answer = answer_fn(trace.tokens)
+                voters.append(trace)
+
+    add_voters(traces)
+    while len(traces) < cfg.num_traces:
+        count = min(round_size, cfg.num_traces - len(traces))
+        new = generate_traces(model, prompt_ids, count, stop_token_ids=stop_token_ids, cfg=cfg, threshold=threshold,
+                              generator=generator)
+        add_voters(new)
+        traces += new
+        # As in the paper, consensus is checked after each new trace (here: round), not on the warm-up alone.
+        if cfg.consensus and leading_share([t.answer for t in voters], [t.score for t in voters]) >= cfg.consensus:
+            break
     answer = weighted_vote([t.answer for t in voters], [t.score for t in voters])
     return VoteResult(answer, traces, sum(len(t.tokens) for t in traces), threshold,
                       voters=sum(t.answer is not None for t in voters))
+
+
+def confidence_auc(scores: Sequence[float], correct: Sequence[bool]) -> float | None:
+    """P(a correct trace's score > a wrong trace's score), ties counting half; None unless both kinds exist.
+    0.5: confidence says nothing about correctness; 1.0: it separates them perfectly."""
+    right = np.asarray([s for s, ok in zip(scores, correct, strict=True) if ok], dtype=np.float64)
+    wrong = np.asarray([s for s, ok in zip(scores, correct, strict=True) if not ok], dtype=np.float64)
+    if len(right) == 0 or len(wrong) == 0:
+        return None
+    above = (right[:, None] > wrong[None, :]).mean()
+    tied = (right[:, None] == wrong[None, :]).mean()
+    return float(above + 0.5 * tied)
 
 
 @dataclass
@@ -223,8 +273,13 @@ class DeepConfReport:
     weighted_vote_full_traces_accuracy: float
     majority_tokens: int
     deepconf_tokens: int
+    traces_generated: int  # by DeepConf, warm-up included (fewer than problems x N when consensus ends early)
     traces_stopped_early: int
     single_trace_accuracy: float  # mean over the baseline's traces: what one sample gets right
+    # Within-problem AUC of the baseline traces' scores for right vs wrong answers, averaged over the problems that
+    # have both: whether confidence tells right from wrong on this task at all (0.5: not at all).
+    confidence_auc: float | None
+    confidence_auc_problems: int
     per_problem: list[dict] = field(default_factory=list)
 
     @property
@@ -247,7 +302,8 @@ def evaluate_deepconf(model, problems: Sequence[tuple[Sequence[int], Hashable]],
     device = next(model.parameters()).device
     majority_correct = deepconf_correct = weighted_correct = 0
     single_correct = single_total = 0
-    majority_tokens = deepconf_tokens = stopped = 0
+    majority_tokens = deepconf_tokens = stopped = generated = 0
+    aucs = []
     per_problem = []
     for index, (prompt_ids, gold) in enumerate(tqdm(problems, desc="deepconf", disable=not progress)):
         baseline_rng = torch.Generator(device=device).manual_seed(seed * 1_000_003 + 2 * index)
@@ -270,10 +326,15 @@ def evaluate_deepconf(model, problems: Sequence[tuple[Sequence[int], Hashable]],
         majority_tokens += baseline.tokens
         deepconf_tokens += online.tokens
         stopped += sum(t.stopped_early for t in online.traces)
+        generated += len(online.traces)
+        auc = confidence_auc(scores, [t.answer == gold for t in baseline.traces])
+        if auc is not None:
+            aucs.append(auc)
         per_problem.append({
             "gold": gold, "majority": baseline.answer, "deepconf": online.answer, "weighted_full": weighted,
             "majority_tokens": baseline.tokens, "deepconf_tokens": online.tokens, "threshold": online.threshold,
-            "stopped_early": sum(t.stopped_early for t in online.traces), "voters": online.voters,
+            "traces": len(online.traces), "stopped_early": sum(t.stopped_early for t in online.traces),
+            "voters": online.voters,
         })
     count = len(problems)
     return DeepConfReport(
@@ -284,7 +345,10 @@ def evaluate_deepconf(model, problems: Sequence[tuple[Sequence[int], Hashable]],
         weighted_vote_full_traces_accuracy=weighted_correct / count,
         majority_tokens=majority_tokens,
         deepconf_tokens=deepconf_tokens,
+        traces_generated=generated,
         traces_stopped_early=stopped,
         single_trace_accuracy=single_correct / single_total,
+        confidence_auc=float(np.mean(aucs)) if aucs else None,
+        confidence_auc_problems=len(aucs),
         per_problem=per_problem,
     )

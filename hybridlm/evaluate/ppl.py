@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from hybridlm.data.packing import IGNORE_INDEX, Row, collate
 
@@ -134,14 +133,16 @@ def evaluate_perplexity(model, batches: Iterable[dict], *, device: torch.device 
     try:
         for batch in tqdm(batches, desc="perplexity", unit="batch", total=total, disable=not progress):
             labels = batch["labels"].to(device)
-            logits = model(
+            # The model's own loss is computed chunk by chunk: no [B, T, vocab] logits.
+            mean = model(
                 batch["input_ids"].to(device),
+                labels=labels,
                 position_ids=batch["position_ids"].to(device) if "position_ids" in batch else None,
                 cu_seqlens=batch["cu_seqlens"].to(device) if "cu_seqlens" in batch else None,
-            ).logits
-            nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
-                                   ignore_index=IGNORE_INDEX, reduction="sum").double()
-            tokens += int((labels != IGNORE_INDEX).sum())
+            ).ce_loss
+            count = int((labels != IGNORE_INDEX).sum())
+            nll += mean.double() * count
+            tokens += count
     finally:
         model.train(was_training)
     if tokens == 0:

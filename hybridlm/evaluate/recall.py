@@ -2,8 +2,8 @@
 
 An answer counts as correct when the model's most likely next token at a query key is the value bound to that key
 in the context. Examples come from `hybridlm.data.mqar` with the same layout as training, so a model trained with
-`data=mqar` at one number of key-value pairs can be scored at others (shorter and longer contexts). An example of
-N pairs fills 2 * (N + queries) tokens: its sequence length.
+`data=mqar` at one number of key-value pairs can be scored at others. An example of N pairs fills 2 * (N + queries)
+tokens; rows can be padded (after the example, as in training) to a fixed `seq_len`, e.g. the trained length.
 """
 
 from __future__ import annotations
@@ -19,10 +19,15 @@ from hybridlm.data.packing import IGNORE_INDEX, collate
 
 @torch.no_grad()
 def mqar_accuracy(model, cfg: MQARConfig, *, num_examples: int = 256, batch_size: int = 64,
-                  split: str = "val") -> dict:
-    """Share of query positions answered exactly (greedy) over `num_examples` examples of `split`."""
+                  split: str = "val", seq_len: int = 0) -> dict:
+    """Share of query positions answered exactly (greedy) over `num_examples` examples of `split`, each in a row of
+    `seq_len` tokens (0: the example's own length)."""
     if num_examples < 1 or batch_size < 1:
         raise ValueError(f"num_examples={num_examples} and batch_size={batch_size} must be >= 1")
+    seq_len = seq_len or cfg.example_length
+    if seq_len < cfg.example_length:
+        raise ValueError(f"seq_len={seq_len} cannot hold an example of {cfg.num_kv_pairs} pairs "
+                         f"({cfg.example_length} tokens); raise seq_len or score fewer pairs")
     vocab = model.config.vocab_size
     if cfg.vocab_size > vocab:
         raise ValueError(
@@ -36,7 +41,7 @@ def mqar_accuracy(model, cfg: MQARConfig, *, num_examples: int = 256, batch_size
     correct = total = 0
     try:
         for start in range(0, num_examples, batch_size):
-            rows = [example_row(cfg, example, cfg.example_length) for example in examples[start : start + batch_size]]
+            rows = [example_row(cfg, example, seq_len) for example in examples[start : start + batch_size]]
             batch = collate(rows)
             labels = batch["labels"].to(device)
             predicted = model(batch["input_ids"].to(device)).logits.argmax(dim=-1)
@@ -45,15 +50,16 @@ def mqar_accuracy(model, cfg: MQARConfig, *, num_examples: int = 256, batch_size
             total += int(answered.sum())
     finally:
         model.train(was_training)
-    return {"num_kv_pairs": cfg.num_kv_pairs, "seq_len": cfg.example_length, "accuracy": correct / total,
-            "correct": correct, "queries": total, "examples": num_examples}
+    return {"num_kv_pairs": cfg.num_kv_pairs, "example_length": cfg.example_length, "seq_len": seq_len,
+            "accuracy": correct / total, "correct": correct, "queries": total, "examples": num_examples}
 
 
-def mqar_sweep(model, base: MQARConfig, num_kv_pairs: list[int], *, num_examples: int = 256,
-               batch_size: int = 64) -> list[dict]:
-    """Accuracy at each number of pairs, every query key repeated once (num_queries = num_kv_pairs)."""
+def mqar_sweep(model, base: MQARConfig, num_kv_pairs: list[int], *, num_examples: int = 256, batch_size: int = 64,
+               seq_len: int = 0) -> list[dict]:
+    """Accuracy at each number of pairs, every query key repeated once (num_queries = num_kv_pairs), in rows of
+    `seq_len` tokens (0: each example's own length)."""
     results = []
     for pairs in num_kv_pairs:
         cfg = dataclasses.replace(base, num_kv_pairs=pairs, num_queries=0)
-        results.append(mqar_accuracy(model, cfg, num_examples=num_examples, batch_size=batch_size))
+        results.append(mqar_accuracy(model, cfg, num_examples=num_examples, batch_size=batch_size, seq_len=seq_len))
     return results
