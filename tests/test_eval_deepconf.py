@@ -22,9 +22,11 @@ from hybridlm.evaluate.deepconf import (
     group_confidences,
     leading_share,
     lowest_group_confidence,
+    majority_baseline,
     majority_vote,
     sample_tokens,
     token_confidence,
+    trace_generators,
     weighted_vote,
 )
 from hybridlm.model import HybridLM
@@ -249,6 +251,27 @@ def test_consensus_stops_new_rounds_once_the_vote_agrees(trained_model):
     assert share(len(result.traces)) >= 0.51  # stopped because the vote agreed...
     assert all(share(count) < 0.51 for count in range(8, len(result.traces), 4))  # ...and not at an earlier round
     assert result.tokens == sum(len(t.tokens) for t in result.traces) < full.tokens
+
+
+def test_per_trace_streams_make_deepconf_cut_the_baselines_own_traces(trained_model):
+    """With one seeded stream per trace, DeepConf's trace i is the baseline's trace i, cut where DeepConf stops it:
+    the two methods are compared on the same samples."""
+    model, _ = trained_model
+    cfg = DeepConfConfig(num_traces=12, num_warmup=4, keep_fraction=0.5, window=4, round_size=4,
+                         max_new_tokens=TASK.example_length)
+    prompt = TASK.encode(TASK.prompt(58, 27))
+    baseline = majority_baseline(model, prompt, TASK.answer, stop_token_ids=[EOS_ID], cfg=cfg,
+                                 generator=trace_generators(0, 5, 12))
+    online = deepconf_online(model, prompt, TASK.answer, stop_token_ids=[EOS_ID], cfg=cfg,
+                             generator=trace_generators(0, 5, 12))
+    assert any(t.stopped_early for t in online.traces) and len(online.traces) == 12
+    assert len({tuple(t.tokens) for t in baseline.traces}) > 1  # the streams differ from trace to trace
+    for cut, full in zip(online.traces, baseline.traces):
+        assert full.tokens[: len(cut.tokens)] == cut.tokens
+        assert cut.stopped_early or cut.tokens == full.tokens
+    with pytest.raises(ValueError, match="3 generators for num_traces=12"):
+        deepconf_online(model, prompt, TASK.answer, stop_token_ids=[EOS_ID], cfg=cfg,
+                        generator=trace_generators(0, 5, 3))
 
 
 def load_script():

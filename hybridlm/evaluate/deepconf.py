@@ -27,6 +27,13 @@ import torch
 import torch.nn.functional as F
 
 AnswerFn = Callable[[list[int]], Hashable | None]  # generated token ids -> answer, None when there is none
+# One random stream shared by the whole batch, or one per trace (a trace's tokens then depend on its own stream
+# only, so the same seeds give the same traces in any batch: majority voting and DeepConf see identical samples).
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def _shared(generator: Generators) -> bool:
+    return generator is None or isinstance(generator, torch.Generator)
 
 
 @dataclass
@@ -130,16 +137,30 @@ def majority_vote(answers: Sequence[Hashable | None]) -> Hashable | None:
     return weighted_vote(answers, [1.0] * len(answers))
 
 
-def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float, generator: Generators = None) -> torch.Tensor:
     """[B, V] logits -> [B] ids drawn from softmax(logits / temperature), restricted to the nucleus: the most likely
-    tokens whose probabilities, taken in decreasing order, first reach `top_p` (the most likely token always)."""
+    tokens whose probabilities, taken in decreasing order, first reach `top_p` (the most likely token always).
+    `generator`: one for the batch, or one per row."""
     probs = F.softmax(logits.float() / temperature, dim=-1)
     if top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p  # the mass before a token already reaches top_p
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    if _shared(generator):
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    return torch.cat([torch.multinomial(row, 1, generator=g) for row, g in zip(probs, generator, strict=True)])
+
+
+def trace_generators(seed: int, problem: int, count: int, device: torch.device | str = "cpu") -> list[torch.Generator]:
+    """`count` independent random streams for the traces of one problem, fixed by (seed, problem, trace index)."""
+    states = np.random.SeedSequence([seed, problem]).spawn(count)
+    return [torch.Generator(device=device).manual_seed(int(state.generate_state(1, np.uint64)[0] >> np.uint64(1)))
+            for state in states]
+
+
+def _streams(generator: Generators, start: int, stop: int) -> Generators:
+    """The streams of traces start..stop-1: a shared generator stays shared."""
+    return generator if _shared(generator) else list(generator[start:stop])
 
 
 @torch.no_grad()
@@ -151,15 +172,19 @@ def generate_traces(
     stop_token_ids: Sequence[int],
     cfg: DeepConfConfig,
     threshold: float | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
 ) -> list[Trace]:
     """Sample `num_traces` continuations of one prompt as a batch, recording each token's confidence.
 
     With `threshold`, a trace stops as soon as the mean confidence of its last `cfg.window` tokens is below it;
-    stopped and finished traces leave the batch, so their compute ends there too.
+    stopped and finished traces leave the batch, so their compute ends there too. `generator`: one random stream
+    for the batch, or a list of one per trace.
     """
     if len(prompt_ids) == 0:
         raise ValueError("the prompt is empty; give at least one token")
+    per_trace = not _shared(generator)
+    if per_trace and len(generator) != num_traces:
+        raise ValueError(f"{len(generator)} generators for {num_traces} traces: give one per trace")
     device = next(model.parameters()).device
     traces = [Trace(tokens=[], token_confidences=[]) for _ in range(num_traces)]
     active = list(range(num_traces))  # trace index of each batch row
@@ -169,7 +194,8 @@ def generate_traces(
     for _ in range(cfg.max_new_tokens):
         logits = model(inputs, cache=cache).logits[:, -1]
         confidence = token_confidence(logits, cfg.top_k).tolist()
-        sampled = sample_tokens(logits, cfg.temperature, cfg.top_p, generator)
+        sampled = sample_tokens(logits, cfg.temperature, cfg.top_p,
+                                [generator[i] for i in active] if per_trace else generator)
         is_stop = torch.isin(sampled, stop).tolist()
         keep_rows = []
         for row, trace_index in enumerate(active):
@@ -207,7 +233,7 @@ class VoteResult:
 
 
 def majority_baseline(model, prompt_ids, answer_fn: AnswerFn, *, stop_token_ids, cfg: DeepConfConfig,
-                      generator: torch.Generator | None = None) -> VoteResult:
+                      generator: Generators = None) -> VoteResult:
     """N traces in full, one vote each."""
     traces = generate_traces(model, prompt_ids, cfg.num_traces, stop_token_ids=stop_token_ids, cfg=cfg,
                              generator=generator)
@@ -219,11 +245,13 @@ def majority_baseline(model, prompt_ids, answer_fn: AnswerFn, *, stop_token_ids,
 
 
 def deepconf_online(model, prompt_ids, answer_fn: AnswerFn, *, stop_token_ids, cfg: DeepConfConfig,
-                    generator: torch.Generator | None = None) -> VoteResult:
+                    generator: Generators = None) -> VoteResult:
     """Warm-up, calibrated early stopping in rounds (until consensus, if set), then a confidence-weighted vote
-    over the traces that pass."""
+    over the traces that pass. With one generator per trace (num_traces of them), trace i samples from stream i."""
+    if not _shared(generator) and len(generator) != cfg.num_traces:
+        raise ValueError(f"{len(generator)} generators for num_traces={cfg.num_traces}: give one per trace")
     traces = generate_traces(model, prompt_ids, cfg.num_warmup, stop_token_ids=stop_token_ids, cfg=cfg,
-                             generator=generator)
+                             generator=_streams(generator, 0, cfg.num_warmup))
     threshold = calibrate_threshold([t.score for t in traces], cfg.keep_fraction)
     round_size = cfg.round_size or cfg.num_traces
     voters: list[Trace] = []
@@ -238,7 +266,7 @@ def deepconf_online(model, prompt_ids, answer_fn: AnswerFn, *, stop_token_ids, c
     while len(traces) < cfg.num_traces:
         count = min(round_size, cfg.num_traces - len(traces))
         new = generate_traces(model, prompt_ids, count, stop_token_ids=stop_token_ids, cfg=cfg, threshold=threshold,
-                              generator=generator)
+                              generator=_streams(generator, len(traces), len(traces) + count))
         add_voters(new)
         traces += new
         # As in the paper, consensus is checked after each new trace (here: round), not on the warm-up alone.
@@ -293,7 +321,9 @@ class DeepConfReport:
 def evaluate_deepconf(model, problems: Sequence[tuple[Sequence[int], Hashable]], answer_fn: AnswerFn, *,
                       stop_token_ids: Sequence[int], cfg: DeepConfConfig, seed: int = 0,
                       progress: bool = False) -> DeepConfReport:
-    """Run the baseline and DeepConf on every (prompt ids, gold answer) problem; both sample with seeded RNGs."""
+    """Run the baseline and DeepConf on every (prompt ids, gold answer) problem. Trace i of a problem samples from
+    the same seeded stream in both methods, so DeepConf's traces are the baseline's, cut where it stops them or left
+    out where consensus ends sampling: the comparison is paired, not two independent draws."""
     if not problems:
         raise ValueError("no problems to evaluate")
     from tqdm.auto import tqdm
@@ -306,12 +336,10 @@ def evaluate_deepconf(model, problems: Sequence[tuple[Sequence[int], Hashable]],
     aucs = []
     per_problem = []
     for index, (prompt_ids, gold) in enumerate(tqdm(problems, desc="deepconf", disable=not progress)):
-        baseline_rng = torch.Generator(device=device).manual_seed(seed * 1_000_003 + 2 * index)
-        deepconf_rng = torch.Generator(device=device).manual_seed(seed * 1_000_003 + 2 * index + 1)
         baseline = majority_baseline(model, prompt_ids, answer_fn, stop_token_ids=stop_token_ids, cfg=cfg,
-                                     generator=baseline_rng)
+                                     generator=trace_generators(seed, index, cfg.num_traces, device))
         online = deepconf_online(model, prompt_ids, answer_fn, stop_token_ids=stop_token_ids, cfg=cfg,
-                                 generator=deepconf_rng)
+                                 generator=trace_generators(seed, index, cfg.num_traces, device))
         # Offline DeepConf on the baseline's traces: same filter (top keep_fraction by score), weighted vote.
         scores = [t.score for t in baseline.traces]
         cut = calibrate_threshold(scores, cfg.keep_fraction)
