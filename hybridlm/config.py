@@ -230,6 +230,7 @@ class ModelConfig:
         q_out = a.num_heads * a.head_dim * (2 if a.output_gate else 1)
         attn = h * q_out + 2 * h * a.num_kv_heads * a.head_dim + a.num_heads * a.head_dim * h
         attn += 2 * a.head_dim if a.qk_norm else 0
+        attn += (q_out + 2 * a.num_kv_heads * a.head_dim + h) if a.bias else 0  # q, k, v, o biases
         dense = 3 * h * self.intermediate_size
         expert = 3 * h * m.intermediate_size
         shared = 3 * h * m.shared_expert_intermediate_size + (h if m.shared_expert_intermediate_size else 0)

@@ -73,7 +73,8 @@ def test_patterns_tile_and_explicit_lists():
 
 def test_parameter_count_formula_matches_the_module():
     for cfg in (small_config(), small_config(tie_embeddings=True, mlp_pattern="M", attention=AttentionConfig(
-            num_heads=2, num_kv_heads=1, head_dim=8, output_gate=False, qk_norm=False))):
+            num_heads=2, num_kv_heads=1, head_dim=8, output_gate=False, qk_norm=False)),
+                small_config(attention=AttentionConfig(num_heads=2, num_kv_heads=1, head_dim=8, bias=True))):
         model = build(cfg)
         counts = cfg.parameter_counts()
         assert counts["total"] == model.num_parameters()

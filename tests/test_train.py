@@ -274,6 +274,24 @@ def test_an_export_format_that_does_not_fit_fails_before_training(data_cache, tm
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["trainer.export_shard_size=5 parsecs"], "trainer.export_shard_size"),
+        (["trainer.export_push_to_hub=just-a-name"], "ORG/NAME"),
+        (["trainer.export_push_to_hub=org/name"], "token"),
+    ],
+    ids=["shard-size", "repo-id", "no-token"],
+)
+def test_end_of_training_export_options_fail_before_training(data_cache, tmp_path, overrides, message):
+    env = {"HF_TOKEN": "", "HF_HOME": str(tmp_path / "hf_home")}  # no token anywhere
+    failed = train(tmp_path / "run", run_overrides(data_cache) + ["trainer.export_format=hybridlm"] + overrides,
+                   check=False, env=env)
+    assert failed.returncode != 0
+    assert message in failed.stderr + failed.stdout
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_publish_fsyncs_before_and_after_the_rename_and_replaces_a_resaved_step(tmp_path, monkeypatch):
     root = tmp_path / "checkpoints"
     final, tmp = root / "step_00000005", root / ".tmp-step_00000005"

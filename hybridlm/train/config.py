@@ -112,6 +112,9 @@ class TrainerConfig:
     # At the end of a run (not on preemption): export the final checkpoint to out_dir/export/FORMAT-step_N.
     export_format: str = ""  # "" (no export) | hybridlm | qwen3_next | qwen3_5_moe
     export_dtype: str = "bf16"  # bf16 | fp32
+    export_shard_size: str = "5GB"  # largest safetensors shard of the export
+    export_push_to_hub: str = ""  # ORG/NAME: push the export to the Hugging Face Hub ("" for no push)
+    export_private: bool = False  # create the Hub repository as private
 
     def __post_init__(self) -> None:
         _require(bool(self.out_dir), "trainer.out_dir is empty; give the run a directory")
@@ -130,6 +133,10 @@ class TrainerConfig:
         _require(
             self.export_dtype in ("bf16", "fp32"),
             f"trainer.export_dtype={self.export_dtype!r}; choose bf16 or fp32",
+        )
+        _require(
+            not self.export_push_to_hub or bool(self.export_format),
+            f"trainer.export_push_to_hub={self.export_push_to_hub!r} needs trainer.export_format (what to push)",
         )
         _require(
             self.stop_at_step <= self.max_steps,

@@ -198,8 +198,18 @@ def _train(cfg: TrainConfig, preemption: PreemptionHandler) -> dict:
     if trainer.export_format:  # an architecture the target format cannot express fails now, not at the end
         from hybridlm.export.formats import FORMATS
 
+        from hybridlm.export.writer import parse_size
+
         if trainer.export_format in FORMATS:
             FORMATS[trainer.export_format].check_fits(cfg.model)
+        try:
+            parse_size(trainer.export_shard_size)
+        except ValueError as error:
+            raise ValueError(f"trainer.export_shard_size: {error}") from None
+        if trainer.export_push_to_hub:
+            from hybridlm.export.hub import check_push_target
+
+            check_push_target(trainer.export_push_to_hub)
     if cfg.wandb.mode == "online" and not wandb_credentials_found():
         raise ValueError(
             "wandb.mode=online but no wandb credentials are set (WANDB_API_KEY, or a netrc entry from `wandb login`) "
@@ -345,7 +355,9 @@ def _train(cfg: TrainConfig, preemption: PreemptionHandler) -> dict:
         if info.is_main and not exported.exists():
             from hybridlm.export import export_checkpoint
 
-            export_checkpoint(checkpoint, exported, format=trainer.export_format, dtype=trainer.export_dtype)
+            export_checkpoint(checkpoint, exported, format=trainer.export_format, dtype=trainer.export_dtype,
+                              shard_size=trainer.export_shard_size, push_to_hub=trainer.export_push_to_hub or None,
+                              private=trainer.export_private)
         report.say(f"exported ({trainer.export_format}, {trainer.export_dtype}): {exported}")
         if dist.is_initialized():
             dist.barrier()
