@@ -114,14 +114,17 @@ def test_transformers_generate_decodes_through_our_cache(exported):
 
     directory, _ = exported
     wrapper = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
-    lengths, forward = [], wrapper.model.forward
+    lengths, kept, forward = [], [], wrapper.model.forward
 
     def counting_forward(input_ids, **kwargs):
         lengths.append(input_ids.shape[1])
-        return forward(input_ids, **kwargs)
+        out = forward(input_ids, **kwargs)
+        kept.append(out.logits.shape[1])
+        return out
 
     wrapper.model.forward = counting_forward
     prompt = torch.arange(7)[None]
     out = wrapper.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=4, do_sample=False,
                            pad_token_id=0)
     assert out.shape == (1, 11) and lengths == [7, 1, 1, 1]
+    assert kept == [1, 1, 1, 1]  # the prompt's logits are computed for its last position only

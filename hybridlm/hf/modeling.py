@@ -82,7 +82,10 @@ class HybridLMForCausalLM(PreTrainedModel, GenerationMixin):
         if use_cache and cache is None:
             cache = HybridLMCache(self.model.new_cache())
         model_cache = cache.cache if cache is not None else None
-        out = self.model(input_ids, position_ids=position_ids, cache=model_cache, attention_mask=attention_mask)
+        # With labels every position's logits are needed for the loss; otherwise only the ones asked for.
+        keep = 0 if labels is not None else logits_to_keep
+        out = self.model(input_ids, position_ids=position_ids, cache=model_cache, attention_mask=attention_mask,
+                         logits_to_keep=keep)
         logits = out.logits[:, -logits_to_keep:] if logits_to_keep else out.logits
         loss = None
         if labels is not None:
@@ -104,4 +107,5 @@ class HybridLMForCausalLM(PreTrainedModel, GenerationMixin):
             "attention_mask": attention_mask,
             CACHE_NAME: cache,
             "use_cache": use_cache,
+            "logits_to_keep": kwargs.get("logits_to_keep", 0),  # generate asks for the last position only
         }
