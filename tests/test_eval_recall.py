@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from torch import nn
 
 from hybridlm.config import ModelConfig
@@ -65,34 +66,51 @@ def test_sweep_changes_pairs_and_refuses_impossible_settings():
         mqar_accuracy(RecallOracle(20), MQARConfig(num_kv_pairs=4, vocab_size=40))
 
 
-@pytest.mark.slow  # two train.py runs
-def test_recall_script_trains_with_train_py_and_matches_the_cli(tmp_path):
+def test_script_refuses_pairs_beyond_the_trained_length():
+    proc = subprocess.run([sys.executable, str(REPO / "eval" / "recall.py"), "--curriculum", "4:10", "8:10",
+                           "--eval-kv", "4", "16"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "--eval-kv [16] exceed the last stage's 8 pairs" in proc.stderr
+
+
+@pytest.mark.slow  # four short train.py runs (two models x two curriculum stages)
+def test_recall_curriculum_trains_with_train_py_beats_chance_and_matches_the_cli(tmp_path):
     out = tmp_path / "mqar"
+    runs = tmp_path / "runs"
     proc = subprocess.run(
-        [sys.executable, str(REPO / "eval" / "recall.py"), "--train-kv", "4", "--eval-kv", "2", "4", "--steps", "3",
-         "--eval-examples", "16", "--runs-dir", str(tmp_path / "runs"), "--out", str(out),
-         "--override", "trainer.eval_every=0", "optim.warmup_steps=1", "data.mqar.num_examples=64", "data.mqar.num_val_examples=32",
-         "deepspeed.micro_batch_size=4"],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
+        [sys.executable, str(REPO / "eval" / "recall.py"), "--curriculum", "2:100", "4:150", "--eval-kv", "2", "4",
+         "--vocab-size", "24", "--num-keys", "8", "--eval-examples", "64", "--runs-dir", str(runs),
+         "--out", str(out), "--override", "trainer.eval_every=0", "optim.warmup_steps=10",
+         "data.mqar.num_examples=2000", "data.mqar.num_val_examples=64"],
+        cwd=REPO, capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(out.with_suffix(".json").read_text())
     assert out.with_suffix(".png").stat().st_size > 0
-    assert {run["model"] for run in report["runs"]} == {"gdn", "hybrid"}
-    patterns = {run["model"]: run["layer_pattern"] for run in report["runs"]}
-    assert set(patterns["gdn"]) == {"G"} and "A" in patterns["hybrid"]
+    for key in ("command", "date", "device", "versions", "git"):
+        assert report[key], key
+    assert report["trained_seq_len"] == 16 and report["chance"] == pytest.approx(1 / 15)
+    by_model = {run["model"]: run for run in report["runs"]}
+    assert set(by_model) == {"gdn", "hybrid"}
+    assert set(by_model["gdn"]["layer_pattern"]) == {"G"} and "A" in by_model["hybrid"]["layer_pattern"]
     sizes = [run["parameters"] for run in report["runs"]]
     assert max(sizes) / min(sizes) < 1.05  # equal size within 5 %
-    for key in ("command", "date", "device", "versions"):
-        assert report[key]
-    hybrid = next(run for run in report["runs"] if run["model"] == "hybrid")
-    assert hybrid["steps"] == 3
+    for run in report["runs"]:
+        first, second = run["stages"]
+        assert (first["pairs"], first["seq_len"], second["pairs"], second["seq_len"]) == (2, 8, 4, 16)
+        # The second stage starts from the first one's weights, through train.py's model.init_from.
+        saved = sorted(Path(second["run_dir"]).glob("checkpoints/step_*/config.yaml"))[-1]
+        assert yaml.safe_load(saved.read_text())["model"]["init_from"] == first["run_dir"]
+        assert [r["seq_len"] for r in run["results"]] == [16, 16]  # scored at the trained length
+        # Trained by train.py, the models must recall far better than guessing among the 15 values.
+        assert run["results"][-1]["accuracy"] > 2 * report["chance"], run["results"]
 
+    hybrid = by_model["hybrid"]
     parser = argparse.ArgumentParser()
     add_eval_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["eval", "recall", hybrid["run_dir"], "--num-kv-pairs", "2", "4", "--num-examples",
-                              "16", "--device", "cpu", "--json", str(tmp_path / "cli.json")])
+                              "64", "--seq-len", "16", "--device", "cpu", "--json", str(tmp_path / "cli.json")])
     assert args.func(args) == 0
     cli = json.loads((tmp_path / "cli.json").read_text())
-    assert cli["mqar_vocab_size"] == report["setting"]["vocab_size"]  # read from the run's config.yaml
+    assert (cli["mqar_vocab_size"], cli["mqar_num_keys"]) == (24, 8)  # read from the run's config.yaml
     assert [r["accuracy"] for r in cli["results"]] == [r["accuracy"] for r in hybrid["results"]]
