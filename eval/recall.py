@@ -64,6 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="writes OUT.json and OUT.png")
     parser.add_argument("--cpu-threads", type=int, default=1,
                         help="torch threads of the training runs (0: one per core); 1 is fastest for tiny models")
+    parser.add_argument("--replot", type=Path, default=None, metavar="JSON",
+                        help="only redraw the plot of an existing results file (written beside it)")
     parser.add_argument("--jobs", type=int, default=2,
                         help="curricula trained at the same time (one per model and seed; each stage's output then "
                              "goes to RUN_DIR/stdout.log)")
@@ -157,37 +159,45 @@ def recurrent_state(config) -> dict:
 
 
 def plot(report: dict, path: Path) -> None:
+    """Accuracy against pairs (left) and the error rate on its own scale (right, where small gaps show)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, (accuracy, errors) = plt.subplots(1, 2, figsize=(10, 4.2))
     styles = {"gdn": ("tab:blue", "o"), "hybrid": ("tab:red", "s")}
+    xs = report["setting"]["eval_kv"]
     for name in report["setting"]["models"]:
         runs = [run for run in report["runs"] if run["model"] == name]
         color, marker = styles.get(name, ("black", "x"))
-        xs = report["setting"]["eval_kv"]
         mean = [sum(run["results"][i]["accuracy"] for run in runs) / len(runs) for i in range(len(xs))]
         first = runs[0]
-        ax.plot(xs, mean, marker=marker, color=color,
-                label=f"{name} {first['layer_pattern']} ({first['parameters'] / 1e3:.1f}k params)"
-                      + (f", mean of {len(runs)} seeds" if len(runs) > 1 else ""))
+        label = (f"{name} {first['layer_pattern']} ({first['parameters'] / 1e3:.1f}k params)"
+                 + (f", mean of {len(runs)} seeds" if len(runs) > 1 else ""))
+        accuracy.plot(xs, mean, marker=marker, color=color, label=label)
+        errors.plot(xs, [1 - m for m in mean], marker=marker, color=color, label=label)
         if len(runs) > 1:
             for run in runs:
-                ax.scatter(xs, [r["accuracy"] for r in run["results"]], color=color, marker=marker, s=10, alpha=0.4)
+                values = [r["accuracy"] for r in run["results"]]
+                accuracy.scatter(xs, values, color=color, marker=marker, s=10, alpha=0.4)
+                errors.scatter(xs, [1 - v for v in values], color=color, marker=marker, s=10, alpha=0.4)
     state = report["runs"][0]["recurrent_state"]
-    ax.axvline(state["key_dims"], color="tab:blue", linewidth=0.8, linestyle=":",
-               label=f"GDN key dimensions per layer ({state['k_heads']} x {state['head_k_dim']}): exact capacity")
-    ax.axhline(report["chance"], color="grey", linewidth=0.8, linestyle="--", label="chance (1 / values)")
-    ax.set_xlabel(f"key-value pairs (every example padded to the trained {report['trained_seq_len']} tokens)")
-    ax.set_ylabel("recall accuracy (greedy)")
-    ax.set_ylim(-0.02, 1.02)
+    for ax in (accuracy, errors):
+        ax.axvline(state["key_dims"], color="tab:blue", linewidth=0.8, linestyle=":",
+                   label=f"key dimensions of one GDN layer ({state['k_heads']} x {state['head_k_dim']})")
+        ax.set_xlabel(f"key-value pairs (examples padded to the trained {report['trained_seq_len']} tokens)")
+        ax.grid(alpha=0.3)
+    accuracy.axhline(report["chance"], color="grey", linewidth=0.8, linestyle="--", label="chance (1 / values)")
+    accuracy.set_ylim(-0.02, 1.02)
+    accuracy.set_ylabel("recall accuracy (greedy)")
+    accuracy.legend(fontsize=7, loc="center right")
+    errors.set_ylim(bottom=0)
+    errors.set_ylabel("error rate (1 - accuracy)")
+    errors.legend(fontsize=7, loc="upper left")
     stages = " -> ".join(f"{s['pairs']}:{s['steps']}" for s in report["setting"]["curriculum"])
-    ax.set_title(f"MQAR, vocab {report['setting']['vocab_size']} ({report['setting']['num_keys']} keys), "
-                 f"curriculum pairs:steps {stages} ({report['device']})", fontsize=8)
-    ax.legend(fontsize=7, loc="lower left")
-    ax.grid(alpha=0.3)
+    fig.suptitle(f"MQAR, vocabulary {report['setting']['vocab_size']} ({report['setting']['num_keys']} keys), "
+                 f"curriculum pairs:steps {stages}\n{report['device']}, {report['date'][:10]}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -195,6 +205,10 @@ def plot(report: dict, path: Path) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.replot is not None:
+        plot(json.loads(args.replot.read_text()), args.replot.with_suffix(".png"))
+        print(f"wrote {args.replot.with_suffix('.png')}")
+        return 0
     if not (REPO / "configs" / "experiment" / "mqar_hybrid.yaml").is_file():
         raise SystemExit(f"{REPO} has no configs/experiment/mqar_*.yaml; run from a hybridlm checkout")
     import torch
