@@ -55,7 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--eval-kv", type=int, nargs="+", default=[8, 16, 32, 48, 64, 80, 96],
                         help="numbers of pairs to score (at most the last stage's: within the trained length)")
     parser.add_argument("--vocab-size", type=int, default=128, help="MQAR vocabulary (= model.vocab_size)")
-    parser.add_argument("--num-keys", type=int, default=96, help="key tokens; the other vocab_size - 1 - keys are values")
+    parser.add_argument("--num-keys", type=int, default=96,
+                        help="key tokens; the other vocab_size - 1 - keys are values")
     parser.add_argument("--eval-examples", type=int, default=256)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1234], help="trainer.seed; one curriculum each")
     parser.add_argument("--override", nargs="*", default=[], help="extra Hydra overrides for every training run")

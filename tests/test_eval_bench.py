@@ -44,7 +44,7 @@ def check_metadata(report: dict) -> None:
     assert {"torch", "transformers", "hybridlm"} <= set(report["versions"])
 
 
-@pytest.mark.slow  # both suites, the transformers twin, five experts implementations: 12 s idle, ~50 s on a busy 2-core box
+@pytest.mark.slow  # both suites, the twin, five experts implementations: 12 s idle, ~50 s on a busy 2-core box
 def test_train_throughput_smoke(tmp_path):
     out = tmp_path / "train.json"
     proc = run(str(BENCH / "train_throughput.py"), "--device", "cpu", "--tiny", "--out", str(out))

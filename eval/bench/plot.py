@@ -73,7 +73,8 @@ def markdown(report: dict) -> str:
             for row in report["crossover"]:
                 lines.append(f"| {row['model']} ({row['layer_pattern']}) | {row['parameters'] / 1e6:.1f}M | "
                              f"{row['seq_len']} | {_cell(row, 'tokens_per_s')} | "
-                             f"{_cell(row, 'peak_memory_gib', '.1f')} | {_fmt(row.get('speedup_vs_attention'), '.2f')} |")
+                             f"{_cell(row, 'peak_memory_gib', '.1f')} | "
+                             f"{_fmt(row.get('speedup_vs_attention'), '.2f')} |")
             lines.append("")
     elif report["benchmark"] == "decode":
         lines += ["| implementation | batch | context | decode tokens/s | prefill (s) | prefill peak (GiB) | "
@@ -83,7 +84,8 @@ def markdown(report: dict) -> str:
             same = row.get("same_tokens")
             lines.append(f"| {row['impl']} | {row['batch']} | {row.get('context', '-')} | "
                          f"{_cell(row, 'decode_tokens_per_s', '.1f')} | {_cell(row, 'prefill_s', '.2f')} | "
-                         f"{_cell(row, 'prefill_peak_memory_gib', '.1f')} | {_cell(row, 'decode_peak_memory_gib', '.1f')} | "
+                         f"{_cell(row, 'prefill_peak_memory_gib', '.1f')} | "
+                         f"{_cell(row, 'decode_peak_memory_gib', '.1f')} | "
                          f"{'-' if same is None else ('yes' if same else 'no')} | "
                          f"{_fmt(row.get('speedup_vs_transformers'), '.2f')} |")
         lines.append("")

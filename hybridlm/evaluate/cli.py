@@ -42,8 +42,8 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     common(recall)
     recall.add_argument("--num-kv-pairs", type=int, nargs="+", default=[4, 8, 16, 32, 64])
     recall.add_argument("--mqar-vocab-size", type=int, default=0,
-                        help="MQAR vocabulary; 0 reads data.mqar.vocab_size from the run's config.yaml (which also gives "
-                             "num_keys and the examples' seed)")
+                        help="MQAR vocabulary; 0 reads data.mqar.vocab_size from the run's config.yaml "
+                             "(which also gives num_keys and the examples' seed)")
     recall.add_argument("--num-examples", type=int, default=256)
     recall.add_argument("--batch-size", type=int, default=64)
     recall.add_argument("--seq-len", type=int, default=0,
