@@ -17,11 +17,7 @@ ratios ours/fla and writes JSON with the device, versions, date, git commit and 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
-import shlex
 import statistics
 import subprocess
 import sys
@@ -198,34 +194,6 @@ def guarded(fn, *args) -> dict:
         return {"error": f"{type(error).__name__}: {error}"[:500]}
 
 
-def git_commit() -> str:
-    """HEAD of the checkout the benchmark runs from, with "-dirty" when tracked files differ from it."""
-    def git(*args):
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
-
-    head = git("rev-parse", "HEAD")
-    if head.returncode != 0:
-        return "unknown (not a git checkout)"
-    dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
-    return head.stdout.strip() + ("-dirty" if dirty else "")
-
-
-def versions() -> dict:
-    import torch
-    import triton
-
-    info = {"torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version()}
-    try:
-        import fla
-
-        info["fla"] = fla.__version__
-    except ImportError:
-        info["fla"] = "not installed"
-    if torch.cuda.is_available():
-        info["cuda"] = torch.version.cuda
-    return info
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     device = pick_device(args.smoke)
@@ -234,6 +202,7 @@ def main(argv=None) -> dict:
     import torch
 
     from hybridlm import ops
+    from hybridlm.evaluate.report import run_metadata, write_json
     from hybridlm.kernels.gated_delta import chunk_gated_delta_rule
 
     def fla_chunk(**kwargs):
@@ -250,7 +219,19 @@ def main(argv=None) -> dict:
     shapes = SMOKE_SHAPES if args.smoke else [s for s in SHAPES if not args.shapes or s.name in args.shapes]
     implementations = {"ours": (chunk_gated_delta_rule, False), "fla": (fla_chunk, False),
                        "ours_raw": (chunk_gated_delta_rule, True), "fla_raw": (fla_raw, True)}
-    rows = []
+    script = str(Path(__file__).resolve().relative_to(REPO))
+    report = {
+        "benchmark": "gated_delta",
+        **run_metadata(device, [script, *(sys.argv[1:] if argv is None else argv)]),
+        "dtype": str(dtype).removeprefix("torch."),
+        "smoke": args.smoke,
+        "timing": f"median of triton.testing.do_bench(return_mode='all'), >= {runs} timed runs (count in 'runs')"
+                  if device == "cuda" else "wall clock, CPU interpreter (plumbing only, the numbers mean nothing)",
+        "use_qk_l2norm_in_kernel": True,
+        "complete": False,
+        "rows": [],
+    }
+    rows = report["rows"]
     for shape in shapes:
         tensors, raw, cu_seqlens = make_inputs(shape, args.seed, device, dtype)
         row = {"shape": asdict(shape)}
@@ -267,30 +248,14 @@ def main(argv=None) -> dict:
                 if mode in row.get(ours, {}) and mode in row.get(theirs, {}):
                     row[f"{ours}_over_{theirs}_{mode}"] = row[ours][mode]["ms"] / row[theirs][mode]["ms"]
         rows.append(row)
+        if args.out:  # after every shape, so a run stopped by a time limit keeps what it measured
+            write_json(args.out, report)
         if device == "cuda":
             torch.cuda.empty_cache()
-
-    environment = versions()
-    script = str(Path(__file__).resolve().relative_to(REPO))
-    report = {
-        "benchmark": "gated_delta",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": git_commit(),
-        "command": shlex.join(["python", script, *(sys.argv[1:] if argv is None else argv)]),
-        "device": torch.cuda.get_device_name() if device == "cuda" else f"{platform.machine()} CPU, Triton interpreter",
-        "versions": environment,
-        "dtype": str(dtype).removeprefix("torch."),
-        "smoke": args.smoke,
-        "timing": f"median of triton.testing.do_bench(return_mode='all'), >= {runs} timed runs (count in 'runs')"
-                  if device == "cuda" else "wall clock, CPU interpreter (plumbing only, the numbers mean nothing)",
-        "use_qk_l2norm_in_kernel": True,
-        "rows": rows,
-    }
+    report["complete"] = True
     print_table(report)
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=2)
+        write_json(args.out, report)
         print(f"wrote {args.out}")
     return report
 

@@ -16,13 +16,8 @@ table and writes JSON with `--out`, recording the device, versions, date, git co
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
-import shlex
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -212,33 +207,6 @@ def time_step(step, device, warmup, iters):
     return statistics.median(times), peak_mib
 
 
-def git_commit() -> str:
-    """HEAD of the checkout the benchmark runs from, with "-dirty" when tracked files differ from it."""
-    def git(*args):
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
-
-    head = git("rev-parse", "HEAD")
-    if head.returncode != 0:
-        return "unknown (not a git checkout)"
-    dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
-    return head.stdout.strip() + ("-dirty" if dirty else "")
-
-
-def versions(device):
-    import torch
-    import transformers
-    import triton
-
-    info = {
-        "torch": torch.__version__, "triton": triton.__version__, "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "device": torch.cuda.get_device_name() if device == "cuda" else f"{platform.machine()} CPU, Triton interpreter",
-    }  # fmt: skip
-    if device == "cuda":
-        info["cuda"] = torch.version.cuda
-    return info
-
-
 def check_against_hf(shape, inputs):
     """Relative max error of our forward vs transformers' grouped_mm path (same weights; bf16 routing may differ)."""
     ours = build_step("ours", shape, inputs)[0]().detach().float()
@@ -253,7 +221,16 @@ def main(argv=None):
 
     # The Triton interpreter computes bf16 wrongly (triton issue 11584): the CPU smoke run uses fp32.
     dtype = getattr(torch, args.dtype) if device == "cuda" else torch.float32
-    results = []
+    from hybridlm.evaluate.report import run_metadata, write_json
+
+    script = str(Path(__file__).resolve().relative_to(REPO))
+    report = {
+        "benchmark": "routed sparse MoE forward+backward",
+        **run_metadata(device, [script, *(sys.argv[1:] if argv is None else argv)]),
+        "dtype": str(dtype).removeprefix("torch."), "warmup": args.warmup, "iters": args.iters, "smoke": args.smoke,
+        "complete": False, "results": [],
+    }  # fmt: skip
+    results = report["results"]
     for shape in args.shapes:
         tokens, hidden, intermediate, experts, top_k = shape
         inputs = make_inputs(shape, dtype, device, args.seed)
@@ -277,29 +254,19 @@ def main(argv=None):
             if ours_ms and row.get(baseline, {}).get("ms"):
                 row[f"speedup_vs_{baseline}"] = row[baseline]["ms"] / ours_ms
         results.append(row)
-
-    environment = versions(device)
-    script = str(Path(__file__).resolve().relative_to(REPO))
-    report = {
-        "benchmark": "routed sparse MoE forward+backward",
-        "dtype": str(dtype).removeprefix("torch."), "warmup": args.warmup, "iters": args.iters, "smoke": args.smoke,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": git_commit(),
-        "command": shlex.join(["python", script, *(sys.argv[1:] if argv is None else argv)]),
-        "device": environment["device"], "versions": environment, "results": results,
-    }  # fmt: skip
+        if args.out:  # after every shape, so a run stopped by a time limit keeps what it measured
+            write_json(args.out, report)
+    report["complete"] = True
     print_table(report)
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as handle:
-            json.dump(report, handle, indent=2)
+        write_json(args.out, report)
         print(f"wrote {args.out}")
     return report
 
 
 def print_table(report):
     """One row per shape; per implementation: median ms, peak extra MiB (GPU) / MiB saved for backward."""
-    print(f"{report['benchmark']} | {report['dtype']} | {report['device']} | {report['date']} | {report['git_commit']}")
+    print(f"{report['benchmark']} | {report['dtype']} | {report['device']} | {report['date']} | {report['git']['commit']}")
     header = f"{'T,H,I,E,k':<24}" + "".join(f"{impl:>28}" for impl in IMPLS) + f"{'vs hf_grouped':>15}{'vs dense':>10}"
     print(header)
     for row in report["results"]:

@@ -29,7 +29,7 @@ def _fmt(value, spec: str = ".0f") -> str:
 
 def _header(report: dict) -> str:
     versions = ", ".join(f"{k} {v}" for k, v in report.get("versions", {}).items())
-    commit = (report.get("git") or {}).get("commit") or report.get("git_commit")
+    commit = (report.get("git") or {}).get("commit")
     notes = []
     if report.get("tiny"):
         notes.append("tiny smoke run: numbers are meaningless")

@@ -30,7 +30,8 @@ def git_state(directory: str | Path | None = None) -> dict:
     return {"commit": commit, "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
 
 
-def run_metadata(device: str | None = None) -> dict:
+def run_metadata(device: str | None = None, argv: list[str] | None = None) -> dict:
+    """command (python + this process's arguments, or `argv` given to a script's main), date, device, versions, git."""
     from importlib.metadata import PackageNotFoundError, version
 
     import torch
@@ -52,7 +53,7 @@ def run_metadata(device: str | None = None) -> dict:
     device_name = torch.cuda.get_device_name(torch.device(device)) if str(device).startswith("cuda") else (
         f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
     return {
-        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
+        "command": shlex.join([Path(sys.executable).name, *sys.argv] if argv is None else ["python", *argv]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": device_name,
         "versions": versions,

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from hybridlm.evaluate.report import git_state
+
 BENCH_PATH = Path(__file__).resolve().parents[2] / "eval" / "bench" / "gated_delta.py"
 
 
@@ -44,7 +46,7 @@ def test_smoke_run_writes_json(tmp_path):
     written = json.loads(out.read_text())
     assert written == json.loads(json.dumps(report))
     assert written["command"] == "python eval/bench/gated_delta.py " + " ".join(argv)
-    assert written["git_commit"] == bench.git_commit() and written["date"] and written["device"]
+    assert written["git"] == git_state() and written["date"] and written["device"] and written["complete"]
     assert {"torch", "triton", "fla"} <= written["versions"].keys()
     (row,) = written["rows"]
     assert sum(row["document_lengths"]) == row["shape"]["seq_len"]
