@@ -41,7 +41,7 @@ class LMOutput(dict):
         ce_loss: torch.Tensor | None = None,
         aux_loss: torch.Tensor | None = None,  # mean over MoE layers
         z_loss: torch.Tensor | None = None,  # mean over MoE layers
-        expert_counts: list[torch.Tensor] | None = None,  # per MoE layer [E], summed over data-parallel ranks
+        expert_counts: list[torch.Tensor] | None = None,  # per MoE layer [E]; see RouterStats.expert_counts
     ):
         super().__init__(logits=logits, loss=loss, ce_loss=ce_loss, aux_loss=aux_loss, z_loss=z_loss,
                          expert_counts=expert_counts or [])

@@ -245,3 +245,22 @@ def test_mfu_is_model_flops_over_the_devices_peak(monkeypatch):
     assert result["mfu"] == pytest.approx(1e6 * 400 / (1e9 * 2))
     assert result["loss"] == pytest.approx(2.0) and result["z_loss"] == pytest.approx(0.5)  # mean over 2 x 2
     assert result["moe_load_max_over_mean/layer1"] == result["moe_load_max_over_mean/worst"] == 1.5
+
+
+def test_metrics_expert_load_is_over_all_ranks(monkeypatch):
+    """The logged load ratio is over the data-parallel ranks even when the model kept its counts per rank (no aux
+    loss, no selection bias): rank 0 sees [4, 0], the other rank [0, 4]; together the load is even."""
+    from types import SimpleNamespace
+
+    import torch
+
+    import hybridlm.train.metrics as metrics
+
+    monkeypatch.setattr(metrics.dist, "all_reduce", lambda tensor: tensor.add_(tensor.flip(-1)))
+    window = metrics.MetricsWindow(torch.device("cpu"), moe_layer_ids=[0])
+    out = SimpleNamespace(loss=torch.tensor(1.0), ce_loss=torch.tensor(1.0), aux_loss=torch.tensor(0.0),
+                          z_loss=torch.tensor(0.0), expert_counts=[torch.tensor([4, 0])])  # fmt: skip
+    window.add_micro_batch(out, tokens=8)
+    assert window.summarize(flops_per_token=1.0, peak_flops=None, world_size=2)["moe_load_max_over_mean/worst"] == 1.0
+    window.add_micro_batch(out, tokens=8)
+    assert window.summarize(flops_per_token=1.0, peak_flops=None, world_size=1)["moe_load_max_over_mean/worst"] == 2.0

@@ -98,8 +98,13 @@ class MetricsWindow:
         metrics["tokens_per_s"] = tokens_per_s
         if peak_flops is not None:
             metrics["mfu"] = flops_per_token * tokens_per_s / (peak_flops * world_size)
-        if self.expert_counts is not None:  # already summed over data-parallel ranks by the model
-            ratios = [expert_load_ratio(counts) for counts in self.expert_counts]
+        if self.expert_counts is not None:
+            counts = torch.stack(self.expert_counts)
+            # The model sums counts over ranks only when training needs it; max/mean is scale-free, so summing
+            # already-global counts again gives the same ratio.
+            if world_size > 1:
+                dist.all_reduce(counts)
+            ratios = [expert_load_ratio(layer_counts) for layer_counts in counts]
             for layer, ratio in zip(self.moe_layer_ids, ratios):
                 metrics[f"moe_load_max_over_mean/layer{layer}"] = ratio
             metrics["moe_load_max_over_mean/worst"] = max(ratios)
