@@ -13,6 +13,7 @@ LAYER_SYMBOLS = {"G": "gated_deltanet", "A": "attention"}
 MLP_SYMBOLS = {"M": "moe", "D": "dense"}
 BACKENDS = ("auto", "triton", "fla", "torch")
 ATTENTION_BACKENDS = ("auto", "sdpa", "flex")
+AUX_LOSS_SCOPES = ("micro_batch", "step")
 
 
 class ConfigError(ValueError):
@@ -144,6 +145,10 @@ class MoEConfig:
     selection_bias: bool = False  # aux-loss-free balancing: a bias that changes which experts are chosen
     bias_update_rate: float = 1e-3
     aux_loss_coef: float = 1e-2  # Switch/Mixtral load-balancing loss over the global batch
+    # Which expert counts the load-balancing loss balances: micro_batch (this micro-batch on every data-parallel
+    # rank, as transformers computes it) or step (also the earlier micro-batches of the optimizer step: Megatron's
+    # global_aux_loss, Qwen's global-batch balancing; the same as micro_batch without gradient accumulation).
+    aux_loss_scope: str = "micro_batch"
     z_loss_coef: float = 1e-3  # router z-loss (ST-MoE)
     backend: str = "auto"  # auto: triton on CUDA, torch reference on CPU
 
@@ -165,6 +170,10 @@ class MoEConfig:
             not self.selection_bias or self.bias_update_rate > 0,
             f"model.moe.selection_bias=true with model.moe.bias_update_rate={self.bias_update_rate} never moves the "
             "bias; set bias_update_rate > 0 (e.g. 1e-3) or selection_bias=false",
+        )
+        _require(
+            self.aux_loss_scope in AUX_LOSS_SCOPES,
+            f"model.moe.aux_loss_scope={self.aux_loss_scope!r}; choose one of {AUX_LOSS_SCOPES}",
         )
         _require(self.backend in BACKENDS, f"model.moe.backend={self.backend!r}; choose one of {BACKENDS}")
 

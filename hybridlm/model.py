@@ -102,7 +102,8 @@ class HybridBlock(nn.Module):
         self.mlp = SparseMoE(h, cfg.moe) if mlp_type == "moe" else SwiGLU(h, cfg.intermediate_size)
 
     def forward(
-        self, x: torch.Tensor, layout: TokenLayout, cache: dict | None = None
+        self, x: torch.Tensor, layout: TokenLayout, cache: dict | None = None,
+        earlier_step_counts: torch.Tensor | None = None,  # MoE: see SparseMoE.forward
     ) -> tuple[torch.Tensor, RouterStats | None]:
         normed = self.input_layernorm(x)
         if self.layer_type == "gated_deltanet":
@@ -122,7 +123,7 @@ class HybridBlock(nn.Module):
         x = x + mixed
         normed = self.post_attention_layernorm(x)
         if self.mlp_type == "moe":
-            out, stats = self.mlp(normed)
+            out, stats = self.mlp(normed, earlier_step_counts)
             return x + out, stats
         return x + self.mlp(normed), None
 
@@ -294,14 +295,14 @@ class HybridLM(nn.Module):
         stats: list[RouterStats] = []
         for i, block in enumerate(self.layers):
             layer_cache = None if cache is None else cache.layers[i]
+            earlier_counts = block.mlp.earlier_step_counts() if block.mlp_type == "moe" else None
             if self.config.activation_checkpointing and self.training and cache is None:
-                x, layer_stats = checkpoint(block, x, layout, use_reentrant=False)
+                x, layer_stats = checkpoint(block, x, layout, None, earlier_counts, use_reentrant=False)
             else:
-                x, layer_stats = block(x, layout, layer_cache)
+                x, layer_stats = block(x, layout, layer_cache, earlier_counts)
             if layer_stats is not None:
                 stats.append(layer_stats)
-                if self.training and block.mlp.cfg.selection_bias:
-                    block.mlp._load_since_update += layer_stats.expert_counts.to(block.mlp._load_since_update.dtype)
+                block.mlp.count_step(layer_stats.expert_counts)
         if cache is not None:
             cache.seen_tokens += T
 
@@ -370,10 +371,11 @@ class HybridLM(nn.Module):
         ]
 
     @torch.no_grad()
-    def update_moe_selection_bias(self) -> None:
-        """Call once after each optimizer step."""
+    def after_optimizer_step(self) -> None:
+        """Call once after each optimizer step: updates the MoE selection bias and starts the next step's expert
+        counts (a training loop of one's own must call it too when it uses either)."""
         for moe in self.moe_layers:
-            moe.update_selection_bias()
+            moe.after_optimizer_step()
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -125,6 +125,7 @@ def test_wrong_types_fail_naming_the_key(override, key):
         (["model.layer_pattern=[G,G,X,A]"], "unknown symbol(s) ['X']"),
         (["model.layer_pattern=7"], "must be a string such as GGGA or a list of symbols"),
         (["model.moe.selection_bias=true", "model.moe.bias_update_rate=0"], "bias_update_rate > 0"),
+        (["model.moe.aux_loss_scope=window"], "model.moe.aux_loss_scope='window'; choose one of"),
         (["trainer.seq_len=8192"], "max_position_embeddings"),
     ],
 )

@@ -128,3 +128,24 @@ def test_transformers_generate_decodes_through_our_cache(exported):
                            pad_token_id=0)
     assert out.shape == (1, 11) and lengths == [7, 1, 1, 1]
     assert kept == [1, 1, 1, 1]  # the prompt's logits are computed for its last position only
+
+
+def test_from_pretrained_starts_the_moe_step_counts_at_zero(tmp_path):
+    """The selection bias is loaded; the step's expert counts (an unsaved buffer, garbage after transformers builds
+    on the meta device) start at zero, so fine-tuning the loaded wrapper balances its own counts."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = ModelConfig(
+        vocab_size=64, hidden_size=32, num_layers=1, layer_pattern="G", mlp_pattern="M",
+        gdn=GatedDeltaNetConfig(num_k_heads=2, num_v_heads=2, head_k_dim=8, head_v_dim=8),
+        moe=MoEConfig(num_experts=4, top_k=2, intermediate_size=16, score_func="sigmoid", selection_bias=True,
+                      aux_loss_scope="step"),
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = HybridLM(cfg)
+    with torch.no_grad():
+        model.layers[0].mlp.expert_bias.copy_(torch.tensor([0.5, -0.25, 0.0, 0.125]))
+    write_model_dir(Checkpoint(cfg, model.state_dict(), tmp_path, "test"), tmp_path, "hybridlm", torch.float32, 10**9)
+    moe = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).model.layers[0].mlp
+    assert torch.equal(moe.expert_bias, model.layers[0].mlp.expert_bias)
+    assert moe.counts_since_step.dtype == torch.int64 and not moe.counts_since_step.any()

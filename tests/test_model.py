@@ -257,10 +257,72 @@ def test_selection_bias_moves_choice_towards_underloaded_experts():
     loads = []
     for _ in range(60):
         loads.append(model(x).expert_counts[0].max().item())
-        model.update_moe_selection_bias()
+        model.after_optimizer_step()
     assert before.max() > 1.5 * before.float().mean()
     assert max(loads[-10:]) < before.max() and sum(loads[-10:]) / 10 < 1.3 * before.float().mean()
     assert moe.expert_bias.abs().sum() > 0 and moe.expert_bias.dtype == torch.float32
+
+
+def step_scope_config(**overrides) -> ModelConfig:
+    return small_config(moe=MoEConfig(num_experts=4, top_k=2, intermediate_size=16, aux_loss_scope="step"), **overrides)
+
+
+def test_step_scope_balances_the_counts_of_the_whole_optimizer_step():
+    """aux_loss_scope=step: a micro-batch's routed fractions include the step's earlier micro-batches (P stays its
+    own); after_optimizer_step starts the next step; in eval the loss is the micro-batch's alone."""
+    from hybridlm.layers.moe import load_balancing_loss
+
+    model = build(step_scope_config()).train()
+    moe = model.layers[0].mlp
+    with torch.no_grad():
+        moe.gate.weight.normal_(std=1.0)  # far from uniform, so that which counts are balanced shows in the loss
+    captured = []
+    moe.register_forward_hook(lambda module, args, output: captured.append(output[1]))
+    first, second = (torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(s)) for s in (1, 2))
+    model(first, labels=first)
+    out = model(second, labels=second)
+    counts_1, counts_2 = captured[0].expert_counts, captured[1].expert_counts
+    assert not torch.equal(counts_1, counts_2)
+    assert torch.equal(moe.counts_since_step, counts_1 + counts_2)
+    assert out.expert_counts[0] is counts_2  # what the metrics see stays per micro-batch
+
+    # P of the second micro-batch, from its router logits; f from both micro-batches' counts.
+    def balance_probabilities(tokens):
+        inputs = []
+        handle = moe.register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
+        with torch.no_grad():
+            model(tokens)
+        handle.remove()
+        return (inputs[0].reshape(-1, 32) @ moe.gate.weight.T).softmax(-1).sum(0)
+
+    model.eval()
+    probability_sums = balance_probabilities(second)
+    pooled = load_balancing_loss(probability_sums, second.numel(), counts_1 + counts_2, top_k=2)
+    alone = load_balancing_loss(probability_sums, second.numel(), counts_2, top_k=2)
+    torch.testing.assert_close(captured[1].aux_loss.detach(), pooled.to(captured[1].aux_loss.dtype))
+    assert not torch.isclose(pooled, alone)
+    assert torch.equal(moe.counts_since_step, counts_1 + counts_2)  # eval forwards leave the step's counts alone
+    torch.testing.assert_close(captured[-1].aux_loss, alone.to(captured[-1].aux_loss.dtype))  # eval: its own
+
+    model.train()
+    model.after_optimizer_step()
+    assert not moe.counts_since_step.any()
+    model(second, labels=second)
+    torch.testing.assert_close(captured[-1].aux_loss.detach(), alone.to(captured[-1].aux_loss.dtype))
+
+
+def test_step_scope_gradients_are_the_same_with_activation_checkpointing():
+    """The checkpointed block is recomputed after the model has counted its micro-batch: the recomputation must see
+    the counts from before it, as the first forward did."""
+    x, y = (torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(s)) for s in (3, 4))
+    grads = []
+    for ckpt in (False, True):
+        model = build(step_scope_config(activation_checkpointing=ckpt)).train()
+        model(x, labels=x)  # the step's first micro-batch, no backward needed
+        model(y, labels=y).aux_loss.backward()
+        grads.append(model.layers[0].mlp.gate.weight.grad.clone())
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[0], grads[1])
 
 
 def test_activation_checkpointing_gives_the_same_gradients():

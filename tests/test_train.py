@@ -183,12 +183,13 @@ def test_resume_never_refuses_a_run_directory_with_checkpoints(reference_run, da
 
 @pytest.mark.slow
 def test_resume_is_exact_with_zero2_accumulation_selection_bias_and_activation_checkpointing(data_cache, tmp_path):
-    """The paths a plain fp32 ZeRO 0 resume does not touch: ZeRO 2 optimizer shards, a gradient-accumulation window,
-    the selection bias (a buffer updated outside autograd), recomputed activations and the WSD schedule."""
+    """The paths a plain fp32 ZeRO 0 resume does not touch: ZeRO 2 optimizer shards, a gradient-accumulation window
+    whose counts the balancing loss pools (aux_loss_scope=step), the selection bias (a buffer updated outside
+    autograd), recomputed activations and the WSD schedule."""
     steps, stop = 8, 4
     overrides = tiny_run(data_cache) + [
         f"trainer.max_steps={steps}", "deepspeed=zero2", "deepspeed.grad_accum_steps=2", "optim=adamw_wsd",
-        "model.moe.selection_bias=true", "model.activation_checkpointing=true",
+        "model.moe.selection_bias=true", "model.moe.aux_loss_scope=step", "model.activation_checkpointing=true",
     ]  # fmt: skip
     train(tmp_path / "uninterrupted", overrides)
     train(tmp_path / "resumed", overrides + [f"trainer.stop_at_step={stop}"])
@@ -330,8 +331,10 @@ def test_bf16_engine_keeps_the_fp32_buffers_fp32(tmp_path):
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["parameters"] == {"torch.bfloat16": report["parameters"]["torch.bfloat16"]}  # bf16 really is on
     buffers = report["buffers"]
-    assert {name.rsplit(".", 1)[-1] for name in buffers} >= {"expert_bias", "inv_freq"}, buffers
-    assert set(buffers.values()) == {"torch.float32"}, buffers
+    by_kind = {name.rsplit(".", 1)[-1]: dtype for name, dtype in buffers.items()}
+    assert by_kind.keys() == {"expert_bias", "inv_freq", "counts_since_step"}, buffers
+    assert by_kind.pop("counts_since_step") == "torch.int64"  # exact counts, never cast
+    assert set(by_kind.values()) == {"torch.float32"}, buffers
     # Each step moves every bias by exactly +-1e-3 (sign of the load imbalance): exact multiples only in fp32.
     bias = report["expert_bias"]
     assert any(bias) and all(abs(value * 1000 - round(value * 1000)) < 1e-6 for value in bias), bias

@@ -17,7 +17,7 @@ from hybridlm.model import HybridLM
 TRAINING_ONLY = {
     "activation_checkpointing", "init_from", "initializer_range", "max_position_embeddings",
     "gdn.a_init_min", "gdn.a_init_max", "gdn.dt_init_min", "gdn.dt_init_max", "gdn.backend", "attention.backend",
-    "moe.bias_update_rate", "moe.aux_loss_coef", "moe.z_loss_coef", "moe.backend",
+    "moe.bias_update_rate", "moe.aux_loss_coef", "moe.aux_loss_scope", "moe.z_loss_coef", "moe.backend",
 }
 
 

@@ -12,6 +12,7 @@ from transformers.modeling_utils import PreTrainedModel
 
 from hybridlm.generate import positions_from_mask
 from hybridlm.hf.configuration import HybridLMConfig
+from hybridlm.layers.moe import SparseMoE
 from hybridlm.layers.rope import RotaryEmbedding
 from hybridlm.model import IGNORE_INDEX, HybridLM, ModelCache
 
@@ -48,10 +49,13 @@ class HybridLMForCausalLM(PreTrainedModel, GenerationMixin):
 
     @torch.no_grad()
     def _init_weights(self, module):
-        # Weights come from the checkpoint (HybridLM initialises itself when built directly); the RoPE table is an
-        # unsaved buffer that from_pretrained leaves uninitialised after building on the meta device.
+        # Weights come from the checkpoint (HybridLM initialises itself when built directly); the RoPE table and the
+        # MoE step counts are unsaved buffers that from_pretrained leaves uninitialised after building on the meta
+        # device.
         if isinstance(module, RotaryEmbedding):
             module.reset_parameters()
+        elif isinstance(module, SparseMoE) and hasattr(module, "counts_since_step"):
+            module.counts_since_step.zero_()
 
     def get_input_embeddings(self):
         return self.model.embed_tokens

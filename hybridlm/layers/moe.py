@@ -4,11 +4,11 @@ load-balancing and z losses, and aux-loss-free selection bias.
 The losses come from the router's own statistics (`RouterLossStats`: per-token logsumexp, per-expert sums of the
 balancing probabilities), computed in the same pass over the logits as the routing; nothing here re-reads them.
 
-"Over the global batch" means over every data-parallel rank of one micro-batch: the expert counts are summed over
-ranks (only while training with a loss or a bias that needs them). They are not accumulated over the micro-batches
-of a gradient-accumulation window (Megatron's `global_aux_loss`): that needs the window's earlier counts passed into
-the layer from outside the activation-checkpointed block, since a checkpointed forward runs twice, and a reset at
-each optimizer step; both belong to the model and the training loop.
+"Over the global batch": the expert counts are summed over every data-parallel rank (only while training with a loss
+or a bias that needs them). With `aux_loss_scope=step` the balancing loss also counts the optimizer step's earlier
+micro-batches (Megatron's `global_aux_loss`): the model keeps the step's counts (`counts_since_step`), hands each
+MoE forward a copy of those before it (a checkpointed forward is recomputed after its own counts were added), and
+the training loop clears them after every optimizer step (`after_optimizer_step`).
 """
 
 from __future__ import annotations
@@ -74,7 +74,10 @@ class SparseMoE(nn.Module):
         if cfg.selection_bias:
             # Changes which experts are chosen, never their weights; trained by counts, not by gradients.
             self.register_buffer("expert_bias", torch.zeros(cfg.num_experts, dtype=torch.float32))
-            self.register_buffer("_load_since_update", torch.zeros(cfg.num_experts), persistent=False)
+        if cfg.selection_bias or cfg.aux_loss_scope == "step":
+            # [E] int64: (token, slot) pairs per expert over this optimizer step's micro-batches so far
+            self.register_buffer("counts_since_step", torch.zeros(cfg.num_experts, dtype=torch.int64),
+                                 persistent=False)
 
     def counts_are_global(self) -> bool:
         """Whether forward sums the expert counts over data-parallel ranks: only while training, under a process
@@ -84,7 +87,17 @@ class SparseMoE(nn.Module):
         needed = self.training and (cfg.aux_loss_coef > 0 or cfg.selection_bias)
         return needed and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterStats]:
+    def earlier_step_counts(self) -> torch.Tensor | None:
+        """For `forward`: a copy of the step's counts so far while training with aux_loss_scope=step, else None."""
+        if self.training and self.cfg.aux_loss_scope == "step":
+            return self.counts_since_step.clone()
+        return None
+
+    def forward(
+        self, x: torch.Tensor, earlier_step_counts: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, RouterStats]:
+        """`earlier_step_counts` (from `earlier_step_counts()`): the optimizer step's earlier counts, which the
+        balancing loss's routed fractions then include."""
         cfg = self.cfg
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])
@@ -104,23 +117,31 @@ class SparseMoE(nn.Module):
         if cfg.shared_expert_intermediate_size:
             y = y + torch.sigmoid(self.shared_expert_gate(tokens)) * self.shared_expert(tokens)
         counts = counts.to(torch.int64)
-        # Counted by HybridLM.forward into _load_since_update: a checkpointed block runs twice.
+        # Added to counts_since_step by HybridLM.forward (count_step), not here: a checkpointed block runs twice.
         if self.counts_are_global():
             dist.all_reduce(counts)
+        balanced = counts if earlier_step_counts is None else counts + earlier_step_counts
         num_tokens = tokens.shape[0]
         return y.reshape(shape), RouterStats(
-            aux_loss=load_balancing_loss(loss_stats.probability_sums, num_tokens, counts, cfg.top_k),
+            aux_loss=load_balancing_loss(loss_stats.probability_sums, num_tokens, balanced, cfg.top_k),
             z_loss=loss_stats.logsumexp.pow(2).sum() / max(num_tokens, 1),
             expert_counts=counts,
         )
 
     @torch.no_grad()
-    def update_selection_bias(self) -> None:
+    def count_step(self, counts: torch.Tensor) -> None:
+        """Add one training micro-batch's counts to the step's, where the selection bias or the loss uses them."""
+        if self.training and hasattr(self, "counts_since_step"):
+            self.counts_since_step += counts
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
         """Aux-loss-free balancing (DeepSeek-V3): raise the bias of under-loaded experts and lower the over-loaded,
-        by a fixed step. Counts are already global, so every rank takes the same step."""
-        if not self.cfg.selection_bias:
+        by a fixed step (counts are global, so every rank takes the same step); then start the next step's counts."""
+        if not hasattr(self, "counts_since_step"):
             return
-        load = self._load_since_update
-        if load.sum() > 0:
-            self.expert_bias += self.cfg.bias_update_rate * torch.sign(load.mean() - load).to(self.expert_bias.dtype)
+        load = self.counts_since_step
+        if self.cfg.selection_bias and load.sum() > 0:
+            load_mean = load.double().mean()
+            self.expert_bias += self.cfg.bias_update_rate * torch.sign(load_mean - load).to(self.expert_bias.dtype)
         load.zero_()

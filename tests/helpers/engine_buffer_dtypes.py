@@ -30,7 +30,7 @@ def main() -> None:
         out = engine(input_ids=tokens[:, :-1], labels=tokens[:, 1:])
         engine.backward(out.loss)
         engine.step()
-        engine.module.update_moe_selection_bias()
+        engine.module.after_optimizer_step()
     parameters: dict[str, int] = {}
     for param in engine.module.parameters():
         parameters[str(param.dtype)] = parameters.get(str(param.dtype), 0) + 1
