@@ -126,6 +126,7 @@ def test_wrong_types_fail_naming_the_key(override, key):
         (["model.layer_pattern=7"], "must be a string such as GGGA or a list of symbols"),
         (["model.moe.selection_bias=true", "model.moe.bias_update_rate=0"], "bias_update_rate > 0"),
         (["model.moe.aux_loss_scope=window"], "model.moe.aux_loss_scope='window'; choose one of"),
+        (["wandb.finish_timeout_s=0"], "wandb.finish_timeout_s=0"),
         (["trainer.seq_len=8192"], "max_position_embeddings"),
     ],
 )
@@ -265,3 +266,20 @@ def test_metrics_expert_load_is_over_all_ranks(monkeypatch):
     assert window.summarize(flops_per_token=1.0, peak_flops=None, world_size=2)["moe_load_max_over_mean/worst"] == 1.0
     window.add_micro_batch(out, tokens=8)
     assert window.summarize(flops_per_token=1.0, peak_flops=None, world_size=1)["moe_load_max_over_mean/worst"] == 2.0
+
+
+def test_online_wandb_bounds_its_start_and_its_final_upload(monkeypatch, tmp_path):
+    """Both timeouts reach wandb's settings: finish_timeout makes wandb.finish give up uploading (the rest stays on
+    disk for `wandb sync`) instead of blocking the end of a run, or a preempted job's requeue, on a lost network."""
+    import wandb
+
+    from hybridlm.train import loop
+
+    calls = []
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: calls.append(kwargs) or "run")
+    cfg = load("wandb.mode=online", "wandb.init_timeout_s=7", "wandb.finish_timeout_s=45",
+               f"trainer.out_dir={tmp_path}")  # fmt: skip
+    assert loop._init_wandb(cfg) == "run"
+    (call,) = calls
+    assert call["mode"] == "online"
+    assert call["settings"].init_timeout == 7 and call["settings"].finish_timeout == 45

@@ -164,10 +164,14 @@ class WandbConfig:
     entity: str = ""
     tags: list[str] = field(default_factory=list)
     init_timeout_s: float = 30.0  # online: how long wandb.init may wait for the server before going offline
+    # online: how long wandb.finish may upload at the end (after a preemption, inside Slurm's grace period); what is
+    # left stays on disk for `wandb sync`
+    finish_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
         _require(self.mode in WANDB_MODES, f"wandb.mode={self.mode!r}; choose one of {WANDB_MODES}")
-        _require(self.init_timeout_s > 0, f"wandb.init_timeout_s={self.init_timeout_s} must be > 0")
+        for key in ("init_timeout_s", "finish_timeout_s"):
+            _require(getattr(self, key) > 0, f"wandb.{key}={getattr(self, key)} must be > 0")
 
 
 @dataclass

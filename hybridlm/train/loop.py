@@ -51,7 +51,8 @@ def wandb_credentials_found() -> bool:
 
 def _init_wandb(cfg: TrainConfig):
     """The wandb run of rank 0. online: bounded by wandb.init_timeout_s (plus wandb's own ~10 s credential check),
-    then offline with a warning, so a missing network never stalls or kills training."""
+    then offline with a warning, so a missing network never stalls or kills training; its final upload is bounded
+    by wandb.finish_timeout_s, so a network lost mid-run cannot hold the job (or its requeue) at the end."""
     import wandb
 
     options = dict(
@@ -64,7 +65,8 @@ def _init_wandb(cfg: TrainConfig):
     )
     if cfg.wandb.mode == "online":
         try:
-            return wandb.init(mode="online", settings=wandb.Settings(init_timeout=cfg.wandb.init_timeout_s), **options)
+            settings = wandb.Settings(init_timeout=cfg.wandb.init_timeout_s, finish_timeout=cfg.wandb.finish_timeout_s)
+            return wandb.init(mode="online", settings=settings, **options)
         except Exception as err:  # wandb raises CommError, UsageError, TimeoutError, ... depending on what failed
             print(
                 f"WARNING: wandb could not start online ({type(err).__name__}: {str(err).splitlines()[0]}); "
