@@ -161,19 +161,9 @@ def build_step(impl, shape, inputs):
 def saved_for_backward_mib(step, leaves) -> float:
     """MiB that autograd keeps between the forward and the backward of `step`, beyond the leaves themselves:
     the activation memory one layer holds during training, on any device. Views of one buffer count once."""
-    import torch
+    from hybridlm.evaluate.memory import saved_for_backward
 
-    leaf_storages = {t.untyped_storage().data_ptr() for t in leaves}
-    saved = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in leaf_storages:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        step()
+    _, saved = saved_for_backward(step, leaves)
     return sum(saved.values()) / 2**20
 
 

@@ -17,6 +17,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 if not (INTERPRET or torch.cuda.is_available()):
     pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1 set before triton is imported", allow_module_level=True)
 
+from hybridlm.evaluate.memory import saved_for_backward  # noqa: E402
 from hybridlm.kernels.moe import route, route_ref, sparse_moe  # noqa: E402
 from hybridlm.kernels.moe.combine import combine, swiglu_routing_weight_grad  # noqa: E402
 from hybridlm.kernels.moe.grouped_gemm import (  # noqa: E402
@@ -73,23 +74,6 @@ def test_router_forward_and_grad_to_logits(score_func, renormalize, top_k):
              (dx, dx_exp), (drouter, drouter_exp)]  # fmt: skip
     for actual, wanted in pairs:
         assert rel_err(actual.cpu(), wanted) <= FP32_TOL
-
-
-def saved_for_backward(fn, inputs):
-    """Run `fn()`; return its output and {storage pointer: bytes} of the tensors autograd saved for backward that
-    are not stored in one of `inputs` (one entry per storage, so views of one buffer count once)."""
-    input_storages = {t.untyped_storage().data_ptr() for t in inputs}
-    saved = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in input_storages:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        out = fn()
-    return out, saved
 
 
 def test_router_gemm_keeps_16bit_x_and_gives_fp32_logits():
