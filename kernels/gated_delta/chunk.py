@@ -170,18 +170,19 @@ class _Call:
         return self.layout.cu_seqlens, self.layout.chunk_offsets
 
 
-def _prepare_and_state_pass(call: _Call, initial_state, store_final_state: bool, store_q_rnorm: bool):
-    """Prepare kernel then forward state pass; returns everything later kernels read."""
+def _prepare_and_state_pass(call: _Call, initial_state, store_final_state: bool, for_backward: bool):
+    """Prepare kernel then forward state pass; returns everything later kernels read (`for_backward`: also Ainv
+    and 1/|q|, which only the backward reads)."""
     d, layout = call.dims, call.layout
     HV, K, V, tokens = d.num_v_heads, d.head_k_dim, d.head_v_dim, call.tokens
     device = call.q.device
     f32 = dict(device=device, dtype=torch.float32)
     G = torch.empty(tokens, HV, device=device, dtype=torch.float64)
-    Ainv = torch.empty(tokens, HV, CHUNK, **f32)
+    Ainv = torch.empty(tokens, HV, CHUNK, **f32) if for_backward else None
     w = torch.empty(tokens, HV, K, device=device, dtype=call.q.dtype)
     u = torch.empty(tokens, HV, V, device=device, dtype=call.q.dtype)
     k_rnorm = torch.empty(tokens, d.num_qk_heads, **f32) if call.use_l2norm else None
-    q_rnorm = torch.empty(tokens, d.num_qk_heads, **f32) if store_q_rnorm and call.use_l2norm else None
+    q_rnorm = torch.empty(tokens, d.num_qk_heads, **f32) if for_backward and call.use_l2norm else None
     meta = call.meta()
     if layout.num_chunks:
         prepare_wy_kernel[(layout.num_chunks, HV)](
@@ -191,7 +192,7 @@ def _prepare_and_state_pass(call: _Call, initial_state, store_final_state: bool,
             stride_q=call.strides["q"], stride_k=call.strides["k"], stride_v=call.strides["v"],
             BK=min(K_BLOCK, tile_size(K)),
             GATE_FROM_RAW=call.gate["g"] is None, HAS_DT_BIAS=call.gate["dt_bias"] is not None,
-            BETA_FROM_RAW=call.beta["beta"] is None, STORE_Q_RNORM=q_rnorm is not None,
+            BETA_FROM_RAW=call.beta["beta"] is None, FOR_BACKWARD=for_backward,
             INVERSE_PRECISION="ieee" if call.q.dtype == torch.float32 else "tf32",
             **meta,
         )
@@ -222,7 +223,7 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
         beta_args = dict(beta=_contiguous(beta), b=_contiguous(b))
         h0 = _contiguous(initial_state)
         call = _Call(q, k, v, dict(q=stride_q, k=stride_k, v=stride_v), gate, beta_args, layout, dims, use_l2norm)
-        state = _prepare_and_state_pass(call, h0, output_final_state, store_q_rnorm=False)
+        state = _prepare_and_state_pass(call, h0, output_final_state, for_backward=False)
         HV, V = dims.num_v_heads, dims.head_v_dim
         o = torch.empty(call.tokens, HV, V, device=q.device, dtype=q.dtype)
         if layout.num_chunks:
@@ -245,7 +246,7 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
         H, HV, K, V, tokens = dims.num_qk_heads, dims.num_v_heads, dims.head_k_dim, dims.head_v_dim, call.tokens
         f32 = dict(device=q.device, dtype=torch.float32)
         meta = call.meta()
-        state = _prepare_and_state_pass(call, h0, False, store_q_rnorm=True)
+        state = _prepare_and_state_pass(call, h0, False, for_backward=True)
         do = do.reshape(tokens, HV, V).to(q.dtype).contiguous()
         k_block = min(K_BLOCK, tile_size(K))
         common = dict(stride_q=ctx.strides["q"], stride_k=ctx.strides["k"], **meta)

@@ -72,7 +72,7 @@ def prepare_wy_kernel(
     stride_q, stride_k, stride_v, T, NT, H, HV,
     K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
     GATE_FROM_RAW: tl.constexpr, HAS_DT_BIAS: tl.constexpr, BETA_FROM_RAW: tl.constexpr, L2NORM: tl.constexpr,
-    STORE_Q_RNORM: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    FOR_BACKWARD: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
     INVERSE_PRECISION: tl.constexpr,
 ):
     i_c, i_hv = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
@@ -101,7 +101,7 @@ def prepare_wy_kernel(
     # The group's first value head writes the per-q/k-head norms.
     if L2NORM and i_hv % group == 0:
         tl.store(k_rnorm_out + rows * H + i_h, k_rnorm, mask=row_mask)
-        if STORE_Q_RNORM:
+        if FOR_BACKWARD:
             q_squares = tl.zeros([BT], dtype=tl.float32)
             for i_k in range(0, tl.cdiv(K, BK)):
                 b_q = load_tile(q, rows, row_mask, stride_q, i_h, K, i_k * BK + tl.arange(0, BK), BK).to(tl.float32)
@@ -110,7 +110,8 @@ def prepare_wy_kernel(
 
     A = (b_beta * k_rnorm)[:, None] * kk * k_rnorm[None, :] * decay_matrix(G, True, BT)
     Ainv = invert_unit_lower(A, BT, INVERSE_PRECISION)
-    tl.store(Ainv_out + (rows[:, None] * HV + i_hv) * BT + o_t[None, :], Ainv, mask=row_mask[:, None])
+    if FOR_BACKWARD:  # the forward needs only w and u
+        tl.store(Ainv_out + (rows[:, None] * HV + i_hv) * BT + o_t[None, :], Ainv, mask=row_mask[:, None])
 
     Ainv_dot = Ainv.to(dot_dtype)
     x_scale = b_beta * tl.exp(G.to(tl.float32)) * k_rnorm
