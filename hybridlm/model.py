@@ -149,15 +149,18 @@ def packed_layout(cu_seqlens: torch.Tensor, batch: int, seq_len: int, cfg: Model
     """Segment ids, in-document positions, attention pattern and GDN chunk list of `batch` packed rows of `seq_len`
     tokens."""
     check_packed_rows(cu_seqlens, batch, seq_len)
-    total = batch * seq_len
-    index = torch.arange(total, device=cu_seqlens.device)
-    segment_ids = torch.searchsorted(cu_seqlens[1:].to(torch.int64), index, right=True)
-    position_in_doc = index - cu_seqlens.to(torch.int64)[segment_ids]
-    position_ids = position_in_doc.view(batch, seq_len)
+    device = cu_seqlens.device
     attn = dict(window=cfg.attention.sliding_window, backend=cfg.attention.backend)
     if cu_seqlens.numel() == batch + 1:  # only the row starts: each row is one document, a plain batch
-        return TokenLayout(position_ids=position_ids, attention=sequence_pattern(seq_len, cu_seqlens.device, **attn))
-    attention = sequence_pattern(seq_len, cu_seqlens.device, segment_ids=segment_ids.view(batch, seq_len),
+        position_ids = torch.arange(seq_len, device=device).expand(batch, seq_len)
+        return TokenLayout(position_ids=position_ids, attention=sequence_pattern(seq_len, device, **attn))
+    total = batch * seq_len
+    bounds = cu_seqlens.to(torch.int64)
+    index = torch.arange(total, device=device)
+    segment_ids = torch.searchsorted(bounds[1:], index, right=True)
+    position_in_doc = index - bounds[segment_ids]
+    position_ids = position_in_doc.view(batch, seq_len)
+    attention = sequence_pattern(seq_len, device, segment_ids=segment_ids.view(batch, seq_len),
                                  sorted_segments=True, **attn)
     chunk_layout = None
     if "gated_deltanet" in cfg.layer_types:

@@ -283,3 +283,23 @@ def test_online_wandb_bounds_its_start_and_its_final_upload(monkeypatch, tmp_pat
     (call,) = calls
     assert call["mode"] == "online"
     assert call["settings"].init_timeout == 7 and call["settings"].finish_timeout == 45
+
+
+def test_metrics_window_reads_the_clock_once_per_log(monkeypatch):
+    """Each clock reading is a CUDA synchronise: a logging step takes one (its end is the next window's start), and
+    adding micro-batches takes none."""
+    from types import SimpleNamespace
+
+    import torch
+
+    import hybridlm.train.metrics as metrics
+
+    readings = []
+    monkeypatch.setattr(metrics.MetricsWindow, "_clock", lambda self: readings.append(len(readings)) or len(readings))
+    window = metrics.MetricsWindow(torch.device("cpu"), moe_layer_ids=[])
+    out = SimpleNamespace(expert_counts=[], **{name: torch.tensor(1.0) for name in metrics.MetricsWindow.LOSSES})
+    for _ in range(3):
+        window.add_micro_batch(out, tokens=4)
+    assert len(readings) == 1  # the window's start
+    window.summarize(flops_per_token=1.0, peak_flops=None, world_size=1)
+    assert len(readings) == 2

@@ -192,7 +192,7 @@ def generate_traces(
     cache = model.new_cache(max_length=len(prompt_ids) + cfg.max_new_tokens)
     inputs = torch.tensor([list(prompt_ids)] * num_traces, device=device, dtype=torch.long)
     for _ in range(cfg.max_new_tokens):
-        logits = model(inputs, cache=cache).logits[:, -1]
+        logits = model(inputs, cache=cache, logits_to_keep=1).logits[:, -1]
         confidence = token_confidence(logits, cfg.top_k).tolist()
         sampled = sample_tokens(logits, cfg.temperature, cfg.top_p,
                                 [generator[i] for i in active] if per_trace else generator)

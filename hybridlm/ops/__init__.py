@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 BACKENDS = ("auto", "triton", "fla", "torch")
 
@@ -22,10 +21,11 @@ def resolve_backend(backend: str, tensor: torch.Tensor) -> str:
 
 def _gate_and_beta(g, beta, a, A_log, dt_bias, b):
     """g = -exp(A_log) * softplus(a + dt_bias) (dt_bias optional) and beta = sigmoid(b), in fp32, for backends
-    without the fused form."""
+    without the fused form (fla)."""
     if g is None:
-        x = a.float() if dt_bias is None else a.float() + dt_bias.float()
-        g = -A_log.float().exp() * F.softplus(x)
+        from hybridlm.kernels.gated_delta.inputs import gate_from_raw
+
+        g = gate_from_raw(a, A_log, dt_bias, torch.float32)
     if beta is None:
         beta = b.float().sigmoid()
     return g, beta

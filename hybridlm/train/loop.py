@@ -323,9 +323,13 @@ def _train(cfg: TrainConfig, preemption: PreemptionHandler) -> dict:
             report.bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr:.2e}")
             report.say(_format_log(step, trainer.max_steps, metrics))
 
-        window.pause()
         final = stop_reason is not None
-        if (trainer.eval_every and step % trainer.eval_every == 0) or (final and stop_reason == "max_steps"):
+        validate = (trainer.eval_every and step % trainer.eval_every == 0) or (final and stop_reason == "max_steps")
+        periodic_save = trainer.save_every and step % trainer.save_every == 0
+        if not (validate or periodic_save or final):
+            continue  # no clock reading (a CUDA synchronise) on plain training steps
+        window.pause()
+        if validate:
             val_loss, unigram_loss = _validate(engine, bundle, trainer.eval_batches, info.device)
             evaluated_step = step
             report.record(step, {"val_loss": val_loss, "unigram_loss": unigram_loss})
@@ -336,7 +340,7 @@ def _train(cfg: TrainConfig, preemption: PreemptionHandler) -> dict:
             target = trainer.stop_at_val_below_unigram_ratio
             if not final and target and val_loss < target * unigram_loss:
                 stop_reason = f"val loss below {target} x unigram baseline"
-        if (trainer.save_every and step % trainer.save_every == 0) or stop_reason:
+        if periodic_save or stop_reason:
             checkpoint = save()
         window.resume()
 

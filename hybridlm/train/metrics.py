@@ -39,7 +39,8 @@ def expert_load_ratio(counts: torch.Tensor) -> float:
 
 
 class MetricsWindow:
-    """Sums over the micro-batches since the last log, kept on device so logging steps are the only syncs."""
+    """Sums over the micro-batches since the last log, kept on device: only logging, validation and checkpoint
+    steps read the clock (a CUDA synchronise) or the sums."""
 
     LOSSES = ("loss", "ce_loss", "aux_loss", "z_loss")
 
@@ -48,14 +49,15 @@ class MetricsWindow:
         self.moe_layer_ids = moe_layer_ids  # block index of each MoE layer, in forward order
         self.reset()
 
-    def reset(self) -> None:
+    def reset(self, now: float | None = None) -> None:
+        """Start a new window; its clock runs from `now` (a clock reading just taken) or from a new reading."""
         self.loss_sums = torch.zeros(len(self.LOSSES), dtype=torch.float64, device=self.device)
         self.micro_batches = 0
         self.tokens = 0  # input tokens over all ranks
         self.expert_counts: list[torch.Tensor] | None = None
         self.grad_norms: list[torch.Tensor] = []
         self.seconds = 0.0
-        self._started = self._clock()
+        self._started = self._clock() if now is None else now
 
     def _clock(self) -> float:
         # CUDA work is queued asynchronously: wait for it, or the window would end before its steps have run.
@@ -63,9 +65,11 @@ class MetricsWindow:
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
 
-    def pause(self) -> None:
-        """Stop the clock (validation, checkpoints) so tokens/s measures training only."""
-        self.seconds += self._clock() - self._started
+    def pause(self) -> float:
+        """Stop the clock (validation, checkpoints) so tokens/s measures training only; returns the reading."""
+        now = self._clock()
+        self.seconds += now - self._started
+        return now
 
     def resume(self) -> None:
         self._started = self._clock()
@@ -86,7 +90,7 @@ class MetricsWindow:
 
     def summarize(self, flops_per_token: float, peak_flops: float | None, world_size: int) -> dict[str, float]:
         """Average over the window and over ranks (collective: every rank calls it)."""
-        self.pause()
+        now = self.pause()
         sums = self.loss_sums.clone()
         if world_size > 1:
             dist.all_reduce(sums)
@@ -108,5 +112,5 @@ class MetricsWindow:
             for layer, ratio in zip(self.moe_layer_ids, ratios):
                 metrics[f"moe_load_max_over_mean/layer{layer}"] = ratio
             metrics["moe_load_max_over_mean/worst"] = max(ratios)
-        self.reset()
+        self.reset(now)
         return metrics
