@@ -24,7 +24,6 @@ from hybridlm.cli import main as cli_main
 from hybridlm.config import AttentionConfig, GatedDeltaNetConfig, ModelConfig, MoEConfig
 from hybridlm.data.tokenizer import train_byte_level_bpe
 from hybridlm.export import ExportError, export_checkpoint, load_pretrained_into
-from hybridlm.export.card import parameter_counts
 from hybridlm.export.checkpoint import read_checkpoint
 from hybridlm.export.formats import FORMATS
 from hybridlm.model import HybridLM
@@ -152,7 +151,7 @@ def test_bf16_export_and_model_card(run, tmp_path):
     assert all(t.dtype == torch.bfloat16 for t in ckpt.state_dict.values())
     assert torch.equal(ckpt.state_dict["embed_tokens.weight"], model.embed_tokens.weight.to(torch.bfloat16))
     card = (out / "README.md").read_text()
-    counts = parameter_counts(model.config)
+    counts = model.config.parameter_counts()
     assert f"{counts['total'] / 1e6:.2f}M total" in card and f"{counts['active'] / 1e6:.2f}M active" in card
     assert "tokens trained: 12,288" in card and "val_loss: 2.5" in card and "GGGA" in card
 
@@ -160,7 +159,7 @@ def test_bf16_export_and_model_card(run, tmp_path):
 def test_parameter_counts_are_the_model_s_own_attention_biases_included():
     cfg = small_config(attention=AttentionConfig(num_heads=4, num_kv_heads=2, head_dim=8, bias=True))
     model = HybridLM(cfg)
-    counts = parameter_counts(cfg)
+    counts = cfg.parameter_counts()
     assert counts["total"] == sum(p.numel() for p in model.parameters())
     # A token uses top_k of the num_experts routed experts (SwiGLU: 3 matrices of hidden x intermediate each).
     m, moe_layers = cfg.moe, cfg.mlp_types.count("moe")

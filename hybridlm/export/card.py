@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 
 from hybridlm.config import ModelConfig
-from hybridlm.model import HybridLM
 
 _LOADING = {
     "hybridlm": "import hybridlm  # registers the model type (or pass trust_remote_code=True, hybridlm installed)\n",
@@ -18,19 +17,8 @@ def _millions(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
 
 
-def parameter_counts(cfg: ModelConfig) -> dict[str, int]:
-    """Total and active (per token) parameters of the model `cfg` builds, counted on it (on the meta device):
-    a token passes through top_k of each MoE layer's routed experts."""
-    with torch.device("meta"):
-        model = HybridLM(cfg)
-    total = sum(p.numel() for p in model.parameters())
-    idle_share = (cfg.moe.num_experts - cfg.moe.top_k) / cfg.moe.num_experts
-    idle = sum(p.numel() for moe in model.moe_layers for p in moe.experts.parameters()) * idle_share
-    return {"total": total, "active": total - round(idle)}
-
-
 def model_card(cfg: ModelConfig, format: str, dtype: torch.dtype, metadata: dict) -> str:  # noqa: A002
-    counts = parameter_counts(cfg)
+    counts = cfg.parameter_counts()  # equal to the module's own count (tests/test_model.py)
     layers = "".join("G" if t == "gated_deltanet" else "A" for t in cfg.layer_types)
     mlps = "".join("M" if t == "moe" else "D" for t in cfg.mlp_types)
     m, g, a = cfg.moe, cfg.gdn, cfg.attention
