@@ -30,3 +30,9 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory):
+    """The tokenizer and token store of tests.helpers.launch.tiny_run, built by the first run and shared by all."""
+    return tmp_path_factory.mktemp("data_cache")

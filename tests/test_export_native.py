@@ -296,13 +296,13 @@ def test_import_then_export_reproduces_the_files_bitwise(oracle, tmp_path, name)
     assert safetensors_tensors(again) == original
 
 
-def test_training_initialised_from_a_transformers_checkpoint(oracle, tmp_path):
+def test_training_initialised_from_a_transformers_checkpoint(oracle, data_cache, tmp_path):
     """The user's path: `python train.py model=qwen3_5_moe_tiny model.init_from=PATH` (ZeRO-2: the masters are in
     the optimizer partitions), then `hybridlm export RUN OUT --format qwen3_5_moe`. With lr 1e-12 one step leaves
     every weight where the checkpoint put it."""
     source = oracle["created"]["qwen3_5_moe_tiny"]
     run_dir = tmp_path / "run"
-    data_and_loop = [o for o in tiny_run(tmp_path / "cache") if not o.startswith(("model.", "optim."))]
+    data_and_loop = [o for o in tiny_run(data_cache) if not o.startswith(("model.", "optim."))]
     proc = train(run_dir, ["model=qwen3_5_moe_tiny", f"model.init_from={source}", *data_and_loop, "deepspeed=zero2",
                            "trainer.max_steps=1", "optim.lr=1e-12", "optim.warmup_steps=0"])
     assert f"initialised the weights from {source} (qwen3_5_moe)" in proc.stdout

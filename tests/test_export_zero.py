@@ -17,11 +17,6 @@ from hybridlm.train.checkpoint import complete_checkpoints
 pytestmark = pytest.mark.slow  # each DeepSpeed run takes 20-40 s on 2 cores
 
 
-@pytest.fixture(scope="module")
-def data_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("data_cache")  # the tokenizer and token store, built once for every run
-
-
 def one_step(data_cache, *overrides: str) -> list[str]:
     return [*tiny_run(data_cache), "trainer.max_steps=1", "optim.warmup_steps=0", *overrides]
 

@@ -58,10 +58,10 @@ def slurm(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> list[str]:
+def tiny(data_cache) -> list[str]:
     """Overrides for a tiny CPU run (every layer kind, 64-token rows) that logs every step, in ZeRO 2."""
     # 8 rows per step: slow enough (~0.2 s a step) that a signal sent after step 2 lands mid-run.
-    return tiny_run(tmp_path_factory.mktemp("data_cache")) + [
+    return tiny_run(data_cache) + [
         f"trainer.max_steps={MAX_STEPS}", "deepspeed=zero2", "deepspeed.micro_batch_size=8",
     ]  # fmt: skip
 

@@ -98,11 +98,6 @@ MAX_STEPS = 12
 
 
 @pytest.fixture(scope="module")
-def data_cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("data_cache")
-
-
-@pytest.fixture(scope="module")
 def run_overrides(data_cache) -> list[str]:
     # 8 rows per step: slow enough (~0.2 s a step) that a signal sent after step 1 lands mid-run.
     return tiny_run(data_cache) + [f"trainer.max_steps={MAX_STEPS}", "deepspeed.micro_batch_size=8"]

@@ -25,11 +25,6 @@ MAX_STEPS, SAVE_EVERY, KEEP_LAST = 30, 5, 2
 CRASH_STEP = 10  # dies while publishing this step's checkpoint: step 5's stays the newest complete one
 
 
-@pytest.fixture(scope="session")
-def data_cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("data_cache")
-
-
 def run_overrides(data_cache: Path) -> list[str]:
     return tiny_run(data_cache) + [
         f"trainer.max_steps={MAX_STEPS}",
