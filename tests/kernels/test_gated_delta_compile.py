@@ -2,24 +2,17 @@
 compiler makes of it: no register spills (at K = V = 128 and 256, bf16, every config the autotuner may pick) and
 64-bit address arithmetic from the program ids on (per-chunk state offsets pass 2^31 at long context).
 
-The CPU interpreter runs kernels as Python, so it sees neither. This compiles through Triton's NVIDIA backend and its
-bundled ptxas, and reads registers / stack / shared memory from the cubin with the bundled cuobjdump. Launch-time
-specialisation is imitated (16-byte aligned pointers) as in a real launch. The interpreter replaces `triton.jit` at
-import time, so under TRITON_INTERPRET=1 the compilation runs in a child process with the interpreter off.
+The CPU interpreter runs kernels as Python, so it sees neither. This compiles with Triton's NVIDIA backend and reads
+registers / stack / shared memory from the cubin (see sm90.py), 16-byte aligned pointers as in a real launch.
 """
 
 from __future__ import annotations
 
-import inspect
 import json
-import os
 import re
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
 
 import pytest
+import sm90
 
 # Stack bytes per thread a config may use: spills would be far larger (the monolithic backward kernel had 1-3 KB).
 MAX_STACK_BYTES = 0
@@ -82,27 +75,10 @@ def autotune_configs(kernel, K: int):
 
 def compile_for_h100(kernel, constexprs: dict, config):
     """Compile one config for sm_90; returns (compiled kernel, {"regs", "stack", "smem"})."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    fn = kernel.fn
-    names = list(inspect.signature(fn.fn).parameters)
-    constexprs = dict(constexprs, **config.kwargs)
-    signature = {n: "constexpr" if n in constexprs else _param_type(n) for n in names}
-    aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if signature[n].startswith("*")}
-    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=aligned)
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": config.num_warps, "num_stages": config.num_stages})
-    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    with tempfile.TemporaryDirectory() as tmp:
-        cubin = Path(tmp) / "kernel.cubin"
-        cubin.write_bytes(compiled.asm["cubin"])
-        usage = subprocess.run([str(cuobjdump), "-res-usage", str(cubin)], capture_output=True, text=True,
-                               check=True).stdout
-    found = re.search(r"REG:(\d+) STACK:(\d+)", usage)
-    assert found, f"no resource usage in cuobjdump output: {usage[-2000:]}"
-    return compiled, {"regs": int(found.group(1)), "stack": int(found.group(2)), "smem": compiled.metadata.shared}
+    compiled = sm90.compile_for_h100(kernel, dict(constexprs, **config.kwargs), _param_type, config.num_warps,
+                                     config.num_stages)  # fmt: skip
+    (usage,) = sm90.cuobjdump(compiled, "-res-usage")
+    return compiled, {**sm90.registers_and_stack(usage), "smem": compiled.metadata.shared}
 
 
 _PROGRAM_ID = re.compile(r"(%[\w.#]+) = tt\.get_program_id")
@@ -137,17 +113,6 @@ def check_all_kernels() -> list[dict]:
     return rows
 
 
-def run_without_interpreter(function: str):
-    """Run `function` of this module in a child process with TRITON_INTERPRET off (or in-process if already off)."""
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        return globals()[function]()
-    here = Path(__file__).resolve().parent
-    code = f"import sys; sys.path.insert(0, {str(here)!r}); import test_gated_delta_compile as t; t.{function}()"
-    child = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TRITON_INTERPRET": "0"},
-                           capture_output=True, text=True)
-    assert child.returncode == 0, (child.stdout[-2000:] + child.stderr[-4000:])
-
-
 def test_narrow_program_id_uses_finds_i32_offsets():
     """The TTIR check itself: it flags an i32 multiply of a program id and accepts a sign extension."""
     ttir = """
@@ -162,4 +127,4 @@ def test_narrow_program_id_uses_finds_i32_offsets():
 @pytest.mark.slow
 def test_gated_delta_kernels_compile_for_h100_without_spills_and_with_64_bit_offsets():
     pytest.importorskip("triton.backends.nvidia")
-    run_without_interpreter("check_all_kernels")
+    sm90.run_without_interpreter(__file__, "check_all_kernels", globals())

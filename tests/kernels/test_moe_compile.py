@@ -4,25 +4,19 @@ spills inside the wgmma loop and at most a few spilled registers in all (the Swi
 fp32 tiles at once).
 
 The CPU interpreter runs kernels as Python, so it misses errors only the real compiler sees (a non-constexpr
-global, an unsupported construct, a bad dot shape) and says nothing of registers. This compiles through Triton's
-NVIDIA backend and reads the SASS with its bundled cuobjdump; no device is needed. Launch-time specialisation is
-imitated as a real bf16 call gets it (16-byte aligned pointers, sizes and strides divisible by 16, unit strides
-as constants). The interpreter replaces `triton.jit` at import time, so under TRITON_INTERPRET=1 the compilation
-runs in a child process with the interpreter off.
+global, an unsupported construct, a bad dot shape) and says nothing of registers. This compiles with Triton's
+NVIDIA backend and reads the SASS (see sm90.py); no device is needed. Launch-time specialisation is imitated as a
+real bf16 call gets it (16-byte aligned pointers, sizes and strides divisible by 16, unit strides as constants).
 """
 
 from __future__ import annotations
 
-import inspect
 import json
-import os
 import re
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
+from functools import partial
 
 import pytest
+import sm90
 
 # Spilled bytes per thread a GEMM may have, all outside its wgmma loop (a few epilogue registers).
 MAX_SPILL_BYTES = 64
@@ -40,37 +34,14 @@ def _param_type(name: str, overrides: dict) -> str:
 
 def compile_for_h100(fn, constexprs, num_warps=4, num_stages=3, types=None, aligned_ints=()):
     """Compile for sm_90 as a launch specialises: aligned pointers and `aligned_ints`; returns the compiled kernel."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    if isinstance(fn, triton.runtime.Autotuner):
-        fn = fn.fn
-    names = list(inspect.signature(fn.fn).parameters)
-    signature = {n: "constexpr" if n in constexprs else _param_type(n, types or {}) for n in names}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
-             if signature[n] != "constexpr" and (signature[n].startswith("*") or n in aligned_ints)}  # fmt: skip
-    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    options = {"num_warps": num_warps, "num_stages": num_stages}
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+    return sm90.compile_for_h100(fn, constexprs, partial(_param_type, overrides=types or {}), num_warps, num_stages,
+                                 aligned_ints)  # fmt: skip
 
 
 def resource_usage(compiled, gemm: bool = True) -> dict:
     """Registers and stack bytes per thread (spills: these kernels have no local arrays) from the cubin, and for a
     `gemm` the number of spill instructions (STL/LDL) inside a loop that issues wgmma (its main loop)."""
-    import triton
-
-    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    with tempfile.TemporaryDirectory() as tmp:
-        cubin = Path(tmp) / "kernel.cubin"
-        cubin.write_bytes(compiled.asm["cubin"])
-
-        def dump(flag):
-            return subprocess.run([str(cuobjdump), flag, str(cubin)], capture_output=True, text=True, check=True).stdout
-
-        usage, sass = dump("-res-usage"), dump("-sass")
-    found = re.search(r"REG:(\d+) STACK:(\d+)", usage)
-    assert found, f"no resource usage in cuobjdump output: {usage[-2000:]}"
+    usage, sass = sm90.cuobjdump(compiled, "-res-usage", "-sass")
     code = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
     in_loop = 0
     for address, text in code:
@@ -80,7 +51,7 @@ def resource_usage(compiled, gemm: bool = True) -> dict:
             if any("GMMA" in t for t in body):
                 in_loop += sum(bool(re.search(r"\b(STL|LDL)\b", t)) for t in body)
     assert not gemm or any("GMMA" in text for _, text in code), "no wgmma in the SASS: the loop check sees nothing"
-    return {"regs": int(found.group(1)), "stack": int(found.group(2)), "spills_in_wgmma_loop": in_loop}
+    return {**sm90.registers_and_stack(usage), "spills_in_wgmma_loop": in_loop}
 
 
 def routed_gemm_calls():
@@ -147,12 +118,4 @@ def compile_all_kernels() -> list[dict]:
 @pytest.mark.slow
 def test_moe_kernels_compile_for_h100_without_spills_in_the_gemm_loops():
     pytest.importorskip("triton.backends.nvidia")
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        compile_all_kernels()
-        return
-    here = Path(__file__).resolve().parent
-    code = f"import sys; sys.path.insert(0, {str(here)!r}); import test_moe_compile; test_moe_compile.compile_all_kernels()"
-    child = subprocess.run(
-        [sys.executable, "-c", code], env={**os.environ, "TRITON_INTERPRET": "0"}, capture_output=True, text=True
-    )
-    assert child.returncode == 0, child.stdout[-3000:] + child.stderr[-4000:]
+    sm90.run_without_interpreter(__file__, "compile_all_kernels", globals())
