@@ -1,6 +1,6 @@
 """The routed sparse-MoE path on Triton kernels: `route` and `sparse_moe` (same contract as the reference).
 
-    logits (16-bit GEMM, fp32 out) -> router kernel -> sync-free permutation -> grouped SwiGLU GEMMs -> combine
+    logits (input-dtype GEMM, fp32 out) -> router kernel -> sync-free permutation -> grouped SwiGLU GEMMs -> combine
 
 Autograd: `RouterLogitsFunction` below differentiates the router GEMM w.r.t. x and the router weight;
 `RouterFunction` (router.py) differentiates the routing weights, scores and loss stats w.r.t. the logits;
