@@ -19,7 +19,13 @@ import triton
 
 from .backward import local_dv_kernel, output_grads_kernel, qk_grads_kernel, state_backward_kernel, wy_backward_kernel
 from .forward import output_kernel, prepare_wy_kernel, state_forward_kernel
-from .inputs import GatedDeltaDims, check_gated_delta_inputs, cu_seqlens_violation, raise_bad_cu_seqlens
+from .inputs import (
+    GatedDeltaDims,
+    check_cu_seqlens_shape,
+    check_gated_delta_inputs,
+    cu_seqlens_violation,
+    raise_bad_cu_seqlens,
+)
 from .triton_common import CHUNK, INTERPRET
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -87,11 +93,7 @@ def prepare_chunk_layout(cu_seqlens: torch.Tensor, seq_len: int) -> ChunkLayout:
     One device-to-host read (the chunk count and the check's result). Build it once per batch and pass it as
     `chunk_layout=` to every `chunk_gated_delta_rule` call on that batch.
     """
-    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype not in (torch.int32, torch.int64):
-        raise ValueError(
-            f"cu_seqlens must be a 1-D int32/int64 tensor [N+1] with N >= 1, got shape {tuple(cu_seqlens.shape)} "
-            f"and dtype {cu_seqlens.dtype}"
-        )
+    check_cu_seqlens_shape(cu_seqlens)
     bounds = cu_seqlens.to(torch.int64)
     chunk_counts = (bounds[1:] - bounds[:-1] + CHUNK - 1) // CHUNK
     chunk_ends = chunk_counts.cumsum(0)
@@ -107,8 +109,6 @@ def prepare_chunk_layout(cu_seqlens: torch.Tensor, seq_len: int) -> ChunkLayout:
 
 
 def _check_layout(layout: ChunkLayout, cu_seqlens: torch.Tensor | None, dims: GatedDeltaDims, device) -> None:
-    if not isinstance(layout, ChunkLayout):
-        raise ValueError(f"chunk_layout must come from prepare_chunk_layout, got {type(layout).__name__}")
     if layout.seq_len != dims.seq_len or (layout.is_varlen and layout.cu_seqlens.device != device):
         raise ValueError(
             f"chunk_layout was built for T={layout.seq_len} on {layout.cu_seqlens.device if layout.is_varlen else '-'}"
@@ -193,7 +193,6 @@ def _prepare_and_state_pass(call: _Call, initial_state, store_final_state: bool,
             BK=min(K_BLOCK, tile_size(K)),
             GATE_FROM_RAW=call.gate["g"] is None, HAS_DT_BIAS=call.gate["dt_bias"] is not None,
             BETA_FROM_RAW=call.beta["beta"] is None, FOR_BACKWARD=for_backward,
-            INVERSE_PRECISION="ieee" if call.q.dtype == torch.float32 else "tf32",
             **meta,
         )
     chunk_states = torch.empty(max(layout.num_chunks, 1), HV, K, V, device=device, dtype=call.q.dtype)
@@ -346,6 +345,8 @@ def chunk_gated_delta_rule(
     `prepare_chunk_layout(cu_seqlens, T)`, saves the one host sync a packed call otherwise makes (cu_seqlens may
     then be omitted). Returns (o in q's dtype, final state or None). Differentiable w.r.t. every tensor input.
     """
+    if chunk_layout is not None and not isinstance(chunk_layout, ChunkLayout):
+        raise ValueError(f"chunk_layout must come from prepare_chunk_layout, got {type(chunk_layout).__name__}")
     if chunk_layout is not None and cu_seqlens is None:
         cu_seqlens = chunk_layout.cu_seqlens
     dims = check_gated_delta_inputs(q, k, v, g, beta, scale, initial_state, cu_seqlens, a, A_log, dt_bias, b,

@@ -73,7 +73,6 @@ def prepare_wy_kernel(
     K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
     GATE_FROM_RAW: tl.constexpr, HAS_DT_BIAS: tl.constexpr, BETA_FROM_RAW: tl.constexpr, L2NORM: tl.constexpr,
     FOR_BACKWARD: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    INVERSE_PRECISION: tl.constexpr,
 ):
     i_c, i_hv = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     group = HV // H
@@ -109,7 +108,7 @@ def prepare_wy_kernel(
             tl.store(q_rnorm_out + rows * H + i_h, rnorm_from_squares(q_squares), mask=row_mask)
 
     A = (b_beta * k_rnorm)[:, None] * kk * k_rnorm[None, :] * decay_matrix(G, True, BT)
-    Ainv = invert_unit_lower(A, BT, INVERSE_PRECISION)
+    Ainv = invert_unit_lower(A, BT, DOT_PRECISION)
     if FOR_BACKWARD:  # the forward needs only w and u
         tl.store(Ainv_out + (rows[:, None] * HV + i_hv) * BT + o_t[None, :], Ainv, mask=row_mask[:, None])
 

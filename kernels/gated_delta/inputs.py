@@ -104,14 +104,9 @@ def check_gated_delta_inputs(
     if cu_seqlens is not None:
         if B != 1:
             raise ValueError(f"cu_seqlens packs documents along T and needs B == 1, got B={B}; flatten the batch first")
-        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-            raise ValueError(f"cu_seqlens must be 1-D [N+1] with N >= 1, got shape {tuple(cu_seqlens.shape)}")
-        if cu_seqlens.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"cu_seqlens has dtype {cu_seqlens.dtype}; pass torch.int32 or torch.int64")
-        if check_cu_seqlens_values:
-            bounds = cu_seqlens.tolist()
-            if bounds[0] != 0 or bounds[-1] != T or any(e < s for s, e in zip(bounds, bounds[1:])):
-                raise_bad_cu_seqlens(cu_seqlens, T)
+        check_cu_seqlens_shape(cu_seqlens)
+        if check_cu_seqlens_values and bool(cu_seqlens_violation(cu_seqlens, T)):
+            raise_bad_cu_seqlens(cu_seqlens, T)
         N = cu_seqlens.numel() - 1
     else:
         N = B
@@ -127,6 +122,14 @@ def check_gated_delta_inputs(
     if scale is None:
         scale = K**-0.5
     return GatedDeltaDims(B, T, H, HV, K, V, N, float(scale))
+
+
+def check_cu_seqlens_shape(cu_seqlens: torch.Tensor) -> None:
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(
+            f"cu_seqlens must be 1-D [N+1] with N >= 1, got shape {tuple(cu_seqlens.shape)} and dtype "
+            f"{cu_seqlens.dtype}; pass torch.int32 or torch.int64"
+        )
 
 
 def raise_bad_cu_seqlens(cu_seqlens: torch.Tensor, seq_len: int):

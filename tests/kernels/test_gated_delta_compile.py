@@ -51,7 +51,7 @@ def gdn_kernels(K: int):
     raw = dict(GATE_FROM_RAW=True, HAS_DT_BIAS=True, BETA_FROM_RAW=True)
     return [
         ("prepare_wy", forward.prepare_wy_kernel,
-         dict(common, **raw, BK=k_block, FOR_BACKWARD=True, INVERSE_PRECISION="tf32")),
+         dict(common, **raw, BK=k_block, FOR_BACKWARD=True)),
         ("state_forward", forward.state_forward_kernel,
          dict(common, BK=k_tile, HAS_INITIAL_STATE=True, STORE_FINAL_STATE=True)),
         ("output", forward.output_kernel, dict(common, BK=k_block)),
