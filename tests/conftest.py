@@ -36,3 +36,24 @@ def pytest_collection_modifyitems(config, items):
 def data_cache(tmp_path_factory):
     """The tokenizer and token store of tests.helpers.launch.tiny_run, built by the first run and shared by all."""
     return tmp_path_factory.mktemp("data_cache")
+
+
+class SDPASpy:
+    """Records the shapes of every SDPA call (and whether a mask came with it), then runs it."""
+
+    def __init__(self, monkeypatch):
+        import torch.nn.functional as F
+
+        self.calls = []
+        self._sdpa = F.scaled_dot_product_attention
+        monkeypatch.setattr(F, "scaled_dot_product_attention", self)
+
+    def __call__(self, q, k, v, attn_mask=None, is_causal=False, **kwargs):
+        self.calls.append(dict(q=tuple(q.shape), k=tuple(k.shape), mask=attn_mask, is_causal=is_causal))
+        return self._sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kwargs)
+
+
+@pytest.fixture
+def sdpa_spy(monkeypatch) -> SDPASpy:
+    """torch.nn.functional.scaled_dot_product_attention, recording its calls in `.calls`."""
+    return SDPASpy(monkeypatch)

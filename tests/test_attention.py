@@ -109,39 +109,24 @@ def test_compiled_flex_model_equals_sdpa_model():
     torch.testing.assert_close(flex, sdpa, rtol=1e-4, atol=1e-5)
 
 
-class SDPASpy:
-    """Records the shapes of every SDPA call (and whether a mask came with it), then runs it."""
-
-    def __init__(self, monkeypatch):
-        self.calls = []
-        self._sdpa = F.scaled_dot_product_attention
-        monkeypatch.setattr(F, "scaled_dot_product_attention", self)
-
-    def __call__(self, q, k, v, attn_mask=None, is_causal=False, **kwargs):
-        self.calls.append(dict(q=tuple(q.shape), k=tuple(k.shape), mask=attn_mask, is_causal=is_causal))
-        return self._sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kwargs)
-
-
-def test_packed_attention_runs_per_row_with_one_mask_for_all_layers(monkeypatch):
+def test_packed_attention_runs_per_row_with_one_mask_for_all_layers(sdpa_spy):
     B, T = 8, 32
     ids, cu = packed_batch([[10, 22]] * B)
-    spy = SDPASpy(monkeypatch)
     with torch.no_grad():
         packed_model("sdpa")(ids, cu_seqlens=cu)
-    assert len(spy.calls) == 2  # two attention layers
-    for call in spy.calls:
+    assert len(sdpa_spy.calls) == 2  # two attention layers
+    for call in sdpa_spy.calls:
         assert call["q"] == (B, 4, T, 8) and call["k"] == (B, 2, T, 8)
         assert tuple(call["mask"].shape) == (B, 1, T, T)  # B*T^2 entries, not (B*T)^2
-    assert spy.calls[0]["mask"] is spy.calls[1]["mask"]  # built once per forward
+    assert sdpa_spy.calls[0]["mask"] is sdpa_spy.calls[1]["mask"]  # built once per forward
 
 
-def test_rows_of_one_document_take_the_mask_free_causal_kernel(monkeypatch):
+def test_rows_of_one_document_take_the_mask_free_causal_kernel(sdpa_spy):
     ids, cu = packed_batch([[32]] * 4)  # the unpacked loader: cu_seqlens holds just the row starts
-    spy = SDPASpy(monkeypatch)
     with torch.no_grad():
         packed = packed_model("auto")(ids, cu_seqlens=cu).logits
         plain = packed_model("auto")(ids).logits
-    assert all(call["mask"] is None and call["is_causal"] for call in spy.calls)
+    assert all(call["mask"] is None and call["is_causal"] for call in sdpa_spy.calls)
     torch.testing.assert_close(packed, plain)
 
 

@@ -130,22 +130,10 @@ def test_chunked_prefill_gives_the_full_forward_logits(window, padded):
     assert (torch.cat(steps, dim=1) - full)[real].abs().max() <= TOLERANCE
 
 
-class SDPASpy:
-    def __init__(self, monkeypatch):
-        self.calls = []
-        self._sdpa = torch.nn.functional.scaled_dot_product_attention
-        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", self)
-
-    def __call__(self, q, k, v, attn_mask=None, is_causal=False, **kwargs):
-        self.calls.append((tuple(q.shape), attn_mask, is_causal))
-        return self._sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kwargs)
-
-
-def test_unpadded_decoding_needs_no_mask(monkeypatch):
+def test_unpadded_decoding_needs_no_mask(sdpa_spy):
     model = make_model()
-    spy = SDPASpy(monkeypatch)
     generate(model, torch.tensor([[3, 1, 4, 1, 5], [9, 2, 6, 5, 3]]), max_new_tokens=3)
-    (prefill_q, prefill_mask, prefill_causal), *steps = spy.calls
+    (prefill_q, prefill_mask, prefill_causal), *steps = [(c["q"], c["mask"], c["is_causal"]) for c in sdpa_spy.calls]
     assert prefill_q[2] == 5 and prefill_mask is None and prefill_causal
     assert len(steps) == 2 and all(q[2] == 1 and mask is None and not causal for q, mask, causal in steps)
 

@@ -20,14 +20,11 @@ from hybridlm import ops  # noqa: E402
 from hybridlm.config import GatedDeltaNetConfig  # noqa: E402
 from hybridlm.kernels.gated_delta import chunk_gated_delta_rule, prepare_chunk_layout  # noqa: E402
 from hybridlm.layers.gated_deltanet import GatedDeltaNet  # noqa: E402
+from test_gated_delta_reference import rel_err  # noqa: E402
 
 DEVICE = "cpu" if INTERPRET else "cuda"
 # Two fp32 implementations of the same layer: each within ~1e-6 of float64, so their difference is too.
 LAYER_REL_TOL = 1e-5
-
-
-def rel_err(actual, expected):
-    return ((actual.double() - expected.double()).norm() / expected.double().norm().clamp_min(1e-300)).item()
 
 
 def packed_positions(cu_seqlens, total):

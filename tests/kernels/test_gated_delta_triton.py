@@ -22,6 +22,7 @@ from hybridlm.kernels.gated_delta import (  # noqa: E402
     naive_recurrent_gated_delta_rule,
 )
 from hybridlm.kernels.gated_delta.chunk import token_rows  # noqa: E402
+from test_gated_delta_reference import rel_err  # noqa: E402
 
 DEVICE = "cpu" if INTERPRET else "cuda"
 # fp32 kernels (ieee dots) against the float64 loop: relative error bound from the issue.
@@ -30,10 +31,6 @@ FP32_REL_TOL = 1e-5
 BF16_REL_TOL = 1e-2
 # fp16 inputs, fp16 intermediates (w, u, v_new, per-chunk states) and fp16 dot operands: a few roundings of 2^-11.
 FP16_REL_TOL = 2e-3
-
-
-def rel_err(actual, expected):
-    return ((actual.double() - expected.double()).norm() / expected.double().norm().clamp_min(1e-300)).item()
 
 
 def make_inputs(B, T, H, HV, K, V, *, N=None, dtype=torch.float32, seed=0, raw_gates=False, with_state=True,
