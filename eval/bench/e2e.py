@@ -1,5 +1,5 @@
-"""Shared pieces of the end-to-end benchmarks (train_throughput.py, decode.py): device checks, model presets, the
-transformers twin of a hybridlm model with identical weights, and timing."""
+"""Shared pieces of the benchmarks: device checks (all), and for the end-to-end ones (train_throughput.py,
+decode.py) model presets, the transformers twin of a hybridlm model with identical weights, and timing."""
 
 from __future__ import annotations
 
@@ -26,6 +26,22 @@ def require_device(device: str, tiny: bool) -> None:
     if device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("no CUDA GPU is visible (torch.cuda.is_available() is False): run this on a GPU machine, or try "
                  "the plumbing with --device cpu --tiny")
+
+
+def kernel_bench_device(script: str, smoke: bool) -> str:
+    """For the kernel benchmarks: 'cuda' when a GPU is there, else with `smoke` 'cpu' through the Triton interpreter
+    (set here, before triton is imported), else exit with what to do."""
+    import os
+    import shutil
+    import subprocess
+
+    if shutil.which("nvidia-smi") and subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode == 0:
+        return "cuda"
+    if not smoke:
+        sys.exit(f"{script}: no CUDA GPU found. The benchmark needs one (an H100/H200); `--smoke` checks the "
+                 "plumbing on CPU.")
+    os.environ["TRITON_INTERPRET"] = "1"
+    return "cpu"
 
 
 def prepare_cpu(device: str) -> None:

@@ -19,13 +19,14 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import e2e  # noqa: E402
 MIN_RUNS = 20
 COLUMNS = ("ours", "fla", "ours_raw", "fla_raw", "attention")
 
@@ -60,19 +61,6 @@ def parse_args(argv=None):
     parser.add_argument("--smoke", action="store_true",
                         help="one tiny varlen shape, fp32, one timed run each; on CPU through the Triton interpreter")
     return parser.parse_args(argv)
-
-
-def pick_device(smoke: bool) -> str:
-    """'cuda', or 'cpu' for --smoke (through the Triton interpreter, set before triton is imported)."""
-    import shutil
-
-    if shutil.which("nvidia-smi") and subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode == 0:
-        return "cuda"
-    if not smoke:
-        sys.exit("eval/bench/gated_delta.py: no CUDA GPU found. The benchmark needs one (an H100/H200); `--smoke` "
-                 "checks the plumbing on CPU.")
-    os.environ["TRITON_INTERPRET"] = "1"
-    return "cpu"
 
 
 def document_bounds(shape: Shape, gen, torch):
@@ -196,7 +184,7 @@ def guarded(fn, *args) -> dict:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    device = pick_device(args.smoke)
+    device = e2e.kernel_bench_device("eval/bench/gated_delta.py", args.smoke)
     # fla's FlashQLA backend, when present, would replace the Triton path we compare against.
     os.environ["FLA_FLASH_QLA"] = "0"
     import torch

@@ -16,13 +16,14 @@ table and writes JSON with `--out`, recording the device, versions, date, git co
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import e2e  # noqa: E402
 
 DEFAULT_SHAPES = ["16384,2048,512,64,8", "16384,2048,768,128,8", "8192,4096,1536,8,2"]
 SMOKE_SHAPES = ["40,32,16,4,2"]
@@ -58,19 +59,6 @@ def parse_args(argv=None):
     if args.smoke:
         args.warmup, args.iters = 1, 1
     return args
-
-
-def pick_device(smoke: bool) -> str:
-    """'cuda', or 'cpu' for --smoke (through the Triton interpreter, set before triton is imported)."""
-    import shutil
-    import subprocess
-
-    if shutil.which("nvidia-smi") and subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode == 0:
-        return "cuda"
-    if not smoke:
-        sys.exit("eval/bench/moe.py: no CUDA GPU found. The benchmark needs one; `--smoke` checks the plumbing on CPU.")
-    os.environ["TRITON_INTERPRET"] = "1"
-    return "cpu"
 
 
 def make_inputs(shape, dtype, device, seed):
@@ -206,7 +194,7 @@ def check_against_hf(shape, inputs):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = pick_device(args.smoke)
+    device = e2e.kernel_bench_device("eval/bench/moe.py", args.smoke)
     import torch
 
     # The Triton interpreter computes bf16 wrongly (triton issue 11584): the CPU smoke run uses fp32.
