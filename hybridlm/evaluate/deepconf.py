@@ -27,8 +27,9 @@ import torch
 import torch.nn.functional as F
 
 AnswerFn = Callable[[list[int]], Hashable | None]  # generated token ids -> answer, None when there is none
-# One random stream shared by the whole batch, or one per trace (a trace's tokens then depend on its own stream
-# only, so the same seeds give the same traces in any batch: majority voting and DeepConf see identical samples).
+# One random stream shared by the whole batch, or one per trace (a trace's draws then come from its own stream only,
+# so the same seeds give the same traces in any batch wherever the model's logits for a row do not depend on the
+# batch: bitwise on CPU; GPU kernels may differ in the last bits between batch sizes and flip a near-tied draw).
 Generators = torch.Generator | Sequence[torch.Generator] | None
 
 
@@ -322,8 +323,9 @@ def evaluate_deepconf(model, problems: Sequence[tuple[Sequence[int], Hashable]],
                       stop_token_ids: Sequence[int], cfg: DeepConfConfig, seed: int = 0,
                       progress: bool = False) -> DeepConfReport:
     """Run the baseline and DeepConf on every (prompt ids, gold answer) problem. Trace i of a problem samples from
-    the same seeded stream in both methods, so DeepConf's traces are the baseline's, cut where it stops them or left
-    out where consensus ends sampling: the comparison is paired, not two independent draws."""
+    the same seeded stream in both methods, so DeepConf's traces are the baseline's (up to the batch-size caveat of
+    `Generators`), cut where it stops them or left out where consensus ends sampling: the comparison is paired, not
+    two independent draws."""
     if not problems:
         raise ValueError("no problems to evaluate")
     from tqdm.auto import tqdm
