@@ -4,6 +4,11 @@ Triton itself imports on any machine; the kernels run on CUDA, or on CPU when TR
 triton was first imported. The references run anywhere.
 """
 
+if not __name__.startswith("hybridlm.kernels."):
+    # Reached as a top-level `kernels.*` through the repository root on sys.path: that name is Hugging Face's.
+    raise ImportError(f"import this package as hybridlm.kernels.{__name__.rsplit('.', 1)[-1]}, not as {__name__}")
+
+
 from .chunk import ChunkLayout, chunk_gated_delta_rule, prepare_chunk_layout
 from .recurrent import fused_recurrent_gated_delta_rule
 from .reference import (

@@ -5,6 +5,11 @@
 first use so that importing this package never needs triton to be set up.
 """
 
+if not __name__.startswith("hybridlm.kernels."):
+    # Reached as a top-level `kernels.*` through the repository root on sys.path: that name is Hugging Face's.
+    raise ImportError(f"import this package as hybridlm.kernels.{__name__.rsplit('.', 1)[-1]}, not as {__name__}")
+
+
 from .reference import RouterLossStats, RouterOutput, route_ref, sparse_moe_ref
 
 _TRITON_EXPORTS = ("sparse_moe", "route")
