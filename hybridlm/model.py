@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+from torch.utils.hooks import RemovableHandle
 
 from hybridlm import ops
 from hybridlm.config import ModelConfig
@@ -375,10 +376,22 @@ class HybridLM(nn.Module):
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
-        """Call once after each optimizer step: updates the MoE selection bias and starts the next step's expert
-        counts (a training loop of one's own must call it too when it uses either)."""
+        """Updates the MoE selection bias and starts the next step's expert counts. The optimizer hook
+        (`register_optimizer_hook`) calls it; a loop with an optimizer of its own calls it after each step. A second
+        call before the next forward changes nothing: the counts it would use are already cleared."""
         for moe in self.moe_layers:
             moe.after_optimizer_step()
+
+    def register_optimizer_hook(self, optimizer: torch.optim.Optimizer) -> RemovableHandle | None:
+        """Run `after_optimizer_step` after every step of `optimizer`, so that no training loop can forget it
+        (torchtitan's register_moe_load_balancing_hook, torchtitan/components/optimizer/optimizer.py).
+
+        Under DeepSpeed the hook sits on the torch optimizer inside the engine: ZeRO 1-3 step it once per parameter
+        group (or partition sub-group), which the idempotence above absorbs, and a step DeepSpeed skips (non-finite
+        gradients, an fp16 overflow) never reaches it, so the bias moves exactly once per applied step."""
+        if not self.moe_layers:
+            return None
+        return optimizer.register_step_post_hook(lambda optimizer, args, kwargs: self.after_optimizer_step())
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -347,3 +347,33 @@ def test_smoke_experiment_reaches_its_target_and_prints_the_checkpoint(tmp_path)
     assert f"final val loss {last['val_loss']:.4f} (step {last['step']}) vs unigram baseline" in result.stdout
     checkpoint = complete_checkpoints(out_dir)[-1]
     assert checkpoint.name == f"step_{last['step']:08d}" and f"checkpoint: {checkpoint}" in result.stdout
+
+
+def test_moe_balancing_runs_once_per_applied_optimizer_step_under_every_zero_stage(tmp_path):
+    """The model's optimizer-step hook, never called by hand: under ZeRO 0-3 with 2 micro-batches per step the
+    selection bias moves exactly once per applied step (ZeRO 1-3 step the torch optimizer once per parameter group:
+    the update must not double), never on a micro-batch, and not on the step ZeRO 1-3 skip for a NaN gradient."""
+    steps = 3
+    overrides = TINY_MODEL + ["deepspeed.micro_batch_size=2", "deepspeed.grad_accum_steps=2", "trainer.seq_len=32",
+                              "model.moe.selection_bias=true", "model.moe.aux_loss_scope=step"]  # fmt: skip
+    result = subprocess.run([sys.executable, REPO / "tests" / "helpers" / "optimizer_hook_steps.py", str(steps),
+                             *overrides], cwd=tmp_path, env=train_env(), capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    rate = report.pop("rate")
+    for stage, records in report.items():
+        assert len(records) == 2 * steps and [r["boundary"] for r in records] == [False, True] * steps, stage
+        for index, record in enumerate(records):
+            where = f"ZeRO {stage}, engine.step() {index}"
+            counts, bias = torch.tensor(record["counts_before"]), torch.tensor(record["bias_before"])
+            assert counts.sum() > 0, where  # the step's micro-batches were counted
+            if record["applied"]:
+                expected = bias + rate * torch.sign(counts.double().mean() - counts).float()
+                assert torch.equal(torch.tensor(record["bias_after"]), expected), where
+                assert not any(record["counts_after"]), where  # the next step counts afresh
+            else:  # a micro-batch, or a skipped step: nothing moves, the counts carry on
+                assert record["bias_after"] == record["bias_before"], where
+                assert record["counts_after"] == record["counts_before"], where
+        applied = [r["applied"] for r in records if r["boundary"]]
+        # ZeRO 0 in fp32 applies even a NaN step (DeepSpeed checks no norm there); ZeRO 1-3 skip it.
+        assert applied == [True] * (steps - 1) + [stage == "0"], (stage, applied)

@@ -117,7 +117,8 @@ def prepare_for_zero3(model: torch.nn.Module) -> None:
 
 
 def build_engine(model: torch.nn.Module, cfg: TrainConfig, info: DistInfo):
-    """Wrap `model` in a DeepSpeed engine with torch AdamW and the configured lr schedule (stepped by the engine)."""
+    """Wrap `model` (a HybridLM) in a DeepSpeed engine with torch AdamW, which runs the model's optimizer-step hook,
+    and the configured lr schedule (stepped by the engine)."""
     import deepspeed
 
     if cfg.deepspeed.zero_stage == 3:
@@ -130,6 +131,7 @@ def build_engine(model: torch.nn.Module, cfg: TrainConfig, info: DistInfo):
         eps=optim.eps,
         fused=info.device.type == "cuda" and cfg.deepspeed.offload_optimizer == "none",
     )
+    model.register_optimizer_hook(optimizer)  # MoE balancing after every applied step, whichever loop steps
     scheduler = build_scheduler(optimizer, optim, cfg.trainer.max_steps)
     engine, _, _, _ = deepspeed.initialize(
         model=model,

@@ -304,7 +304,6 @@ def _train(cfg: TrainConfig, preemption: PreemptionHandler) -> dict:
             else:
                 engine.step()
             window.add_micro_batch(out, batch["input_ids"].numel() * info.world_size)
-        engine.module.after_optimizer_step()
         step += 1
         tokens_seen += tokens_per_step
         report.bar.update(1)

@@ -4,23 +4,17 @@ STEPS steps on random tokens, and print one JSON line: {"buffers": {name: dtype}
 
 import json
 import sys
-from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
+from launch import compose_train_config
 
 from hybridlm.model import HybridLM
-from hybridlm.train import register_configs, to_train_config
 from hybridlm.train.engine import build_engine, init_distributed
-
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 
 def main() -> None:
     steps, overrides = int(sys.argv[1]), sys.argv[2:]
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-        cfg = to_train_config(compose(config_name="train", overrides=overrides))
+    cfg = compose_train_config(overrides)
     info = init_distributed()
     torch.manual_seed(0)
     engine = build_engine(HybridLM(cfg.model), cfg, info)
@@ -30,7 +24,6 @@ def main() -> None:
         out = engine(input_ids=tokens[:, :-1], labels=tokens[:, 1:])
         engine.backward(out.loss)
         engine.step()
-        engine.module.after_optimizer_step()
     parameters: dict[str, int] = {}
     for param in engine.module.parameters():
         parameters[str(param.dtype)] = parameters.get(str(param.dtype), 0) + 1

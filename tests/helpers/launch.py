@@ -34,6 +34,17 @@ def tiny_run(cache_dir: Path) -> list[str]:
     ]  # fmt: skip
 
 
+def compose_train_config(overrides: list[str]):
+    """The validated TrainConfig that train.py would build from `overrides` (for scripts that build parts of a run)."""
+    from hydra import compose, initialize_config_dir
+
+    from hybridlm.train import register_configs, to_train_config
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base=None):
+        return to_train_config(compose(config_name="train", overrides=overrides))
+
+
 def train_command(
     out_dir: Path, overrides: list[str], *, nproc: int = 1, prefix: list[str] | None = None
 ) -> list[str]:
