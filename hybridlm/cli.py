@@ -12,6 +12,7 @@ SUBCOMMANDS = [
     ("hybridlm.export.cli", "add_export_parser"),
     ("hybridlm.export.cli", "add_generate_parser"),
     ("hybridlm.evaluate.cli", "add_eval_parser"),
+    ("hybridlm.evaluate.doctor", "add_doctor_parser"),
 ]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
 import shlex
 import subprocess
@@ -62,7 +63,10 @@ def run_metadata(device: str | None = None, argv: list[str] | None = None) -> di
 
 
 def write_json(path: str | Path, payload: dict) -> Path:
+    """Written to a temporary file beside `path`, then renamed over it: a reader never sees half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
     return path

@@ -115,6 +115,12 @@ class TrainerConfig:
     export_shard_size: str = "5GB"  # largest safetensors shard of the export
     export_push_to_hub: str = ""  # ORG/NAME: push the export to the Hugging Face Hub ("" for no push)
     export_private: bool = False  # create the Hub repository as private
+    # Before step 1: check every op the model runs as a kernel on this device against its float64 reference
+    # (`hybridlm doctor`'s checks; hybridlm/train/kernel_check.py); a wrong one stops the run, naming the fix.
+    kernel_check: bool = True
+    # Bitwise-repeatable runs on one device: torch's deterministic algorithms, cuBLAS's fixed workspace, cuDNN
+    # without benchmarking, and Triton's autotuning choices cached on disk (hybridlm/train/determinism.py).
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         _require(bool(self.out_dir), "trainer.out_dir is empty; give the run a directory")

@@ -32,7 +32,9 @@ from hybridlm.train.checkpoint import (
     set_rng_state,
 )
 from hybridlm.train.config import TrainConfig
+from hybridlm.train.determinism import make_deterministic
 from hybridlm.train.engine import DistInfo, build_engine, init_distributed, resolve_precision
+from hybridlm.train.kernel_check import check_kernels
 from hybridlm.train.metrics import MetricsWindow, peak_flops_per_device
 from hybridlm.train.preemption import PreemptionHandler
 
@@ -222,6 +224,8 @@ def _train(cfg: TrainConfig, preemption: PreemptionHandler) -> dict:
     if info.device.type == "cpu" and trainer.cpu_threads:
         torch.set_num_threads(trainer.cpu_threads)
     Path(trainer.out_dir).mkdir(parents=True, exist_ok=True)
+    make_deterministic(trainer.deterministic)
+    check_kernels(cfg, info)  # before anything trains: a wrong kernel stops the run here, naming the fix
     wandb_run = start_wandb(cfg, info)
     _seed_everything(trainer.seed)
     bundle = _build_data_in_turn(cfg, info)
