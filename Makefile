@@ -14,7 +14,7 @@ export TRITON_INTERPRET := 1
 endif
 PYTEST_ARGS ?=
 
-.PHONY: install install-dev smoke test test-gpu clean
+.PHONY: install install-dev smoke test test-gpu gpu-kit clean
 
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
@@ -46,6 +46,10 @@ test: install-dev
 
 test-gpu: install-dev
 	$(PY) -m pytest -m gpu $(PYTEST_ARGS)
+
+# The first thing to run on a GPU machine (<= 12 min): test-gpu, hybridlm doctor, every benchmark -> eval/bench/results/
+gpu-kit: install-dev
+	$(PY) eval/bench/gpu_kit.py
 
 clean:
 	rm -rf $(VENV) outputs runs

@@ -68,3 +68,15 @@ def test_a_run_directory_config_takes_dotted_overrides(tmp_path):
         load_train_config(str(tmp_path / "missing"), [])
     with pytest.raises(ConfigError, match="model.moe.backend"):
         load_train_config(str(run), ["model.moe.backend=cuda"])
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_every_op_of_gpu_1b_passes_in_bf16_on_the_gpu(tmp_path, capsys):
+    status = main(["doctor", "model=gpu_1b", "--json", str(tmp_path / "doctor.json")])
+    out = capsys.readouterr().out
+    assert status == 0, out
+    report = json.loads((tmp_path / "doctor.json").read_text())
+    assert report["dtype"] == "bf16" and report["environment"]["gpu"]["capability"].startswith("sm_")
+    assert [r["op"] for r in report["results"]] == TINY_OPS  # gpu_1b uses the same kinds of layers as tiny
+    for result in report["results"]:
+        assert result["status"] == "pass" and result["on_gpu"] and result["kernel"], result

@@ -134,3 +134,33 @@ def test_decode_smoke_generates_the_same_tokens_as_transformers(tmp_path, chunk)
     assert all(row["same_tokens"] for row in rows)
     assert all(row["prefill_s"] > 0 and row["decode_s"] > 0 and "decode_peak_memory_gib" in row for row in rows)
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_gpu_kit_lists_its_three_steps_within_the_12_minute_budget(capsys):
+    sys.path.insert(0, str(BENCH))
+    import gpu_kit
+
+    assert gpu_kit.main(["--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines[:3]] == ["test_gpu", "doctor", "benchmarks"]
+    assert "make test-gpu PYTEST_ARGS=--junitxml=eval/bench/results/test_gpu_" in lines[0]
+    assert "-m hybridlm.cli doctor model=gpu_1b --json eval/bench/results/doctor_" in lines[1]
+    assert lines[2].endswith("eval/bench/run_all.sh")
+    plan = gpu_kit.steps(sys.executable, "h100", long=False)
+    assert sum(limit for _, limit, _ in plan) <= gpu_kit.BUDGET_S == 720
+    assert lines[3] == "total: at most 720 s (12.0 min); results in eval/bench/results/"
+    if not torch.cuda.is_available():
+        assert gpu_kit.main([]) == 1
+        assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_gpu_kit_step_limit_kills_a_silent_step_and_records_it(tmp_path):
+    sys.path.insert(0, str(BENCH))
+    import gpu_kit
+
+    with (tmp_path / "log").open("w") as log:
+        slow = gpu_kit.run_step("silent", 1, [sys.executable, "-c", "import time; time.sleep(30)"], log)
+        quick = gpu_kit.run_step("quick", 30, [sys.executable, "-c", "print('done')"], log)
+    assert slow["timed_out"] and not slow["ok"] and slow["seconds"] < 10
+    assert quick == {**quick, "ok": True, "exit": 0, "timed_out": False}
+    assert "=== silent: time limit" in (tmp_path / "log").read_text() and "done" in (tmp_path / "log").read_text()
