@@ -97,6 +97,12 @@ def generate(
     return tokens
 
 
+def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """The tokens a chat model continues to answer `messages`: the tokenizer's chat template with its generation
+    prompt, exactly as transformers' apply_chat_template renders it."""
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True)["input_ids"])
+
+
 def add_generate_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "generate",
@@ -105,6 +111,10 @@ def add_generate_parser(subparsers) -> None:
     )
     parser.add_argument("checkpoint", help="run directory, DeepSpeed checkpoint directory, or an exported model")
     parser.add_argument("prompts", nargs="+", help="one or more prompts, generated as one left-padded batch")
+    parser.add_argument("--chat", action="store_true",
+                        help="each prompt is a user message, rendered with the tokenizer's chat template (its "
+                             "generation prompt appended); the reply ends at the end-of-turn token")
+    parser.add_argument("--system", default="", help="with --chat: a system message before each prompt")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     parser.add_argument("--top-k", type=int, default=0)
@@ -124,7 +134,17 @@ def _run_generate(args: argparse.Namespace) -> int:
     tokenizer = AutoTokenizer.from_pretrained(str(ckpt.tokenizer_dir))
     model = ckpt.build_model().to(args.device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    ids, mask = left_pad([tokenizer.encode(p) for p in args.prompts], pad_id)
+    if args.chat:
+        if not tokenizer.chat_template:
+            raise SystemExit(f"--chat: the tokenizer of {args.checkpoint} has no chat template; fine-tune it with "
+                             "`train.py experiment=sft` (which adds one) or drop --chat")
+        system = [{"role": "system", "content": args.system}] if args.system else []
+        encoded = [chat_prompt_ids(tokenizer, system + [{"role": "user", "content": p}]) for p in args.prompts]
+    elif args.system:
+        raise SystemExit("--system needs --chat")
+    else:
+        encoded = [tokenizer.encode(p) for p in args.prompts]
+    ids, mask = left_pad(encoded, pad_id)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     out = generate(
         model,

@@ -8,6 +8,7 @@ attention crosses a document boundary.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -280,6 +281,7 @@ class HybridLM(nn.Module):
         attention_mask: torch.Tensor | None = None,
         return_logits: bool | None = None,
         logits_to_keep: int = 0,
+        num_items_in_batch: float | torch.Tensor | None = None,
     ) -> LMOutput:
         """input_ids [B,T]; labels [B,T] are next-token targets already aligned with the inputs (-100: no target);
         cu_seqlens [N+1] marks document starts over the flattened B*T tokens (row starts included; documents never
@@ -287,7 +289,9 @@ class HybridLM(nn.Module):
         segment for attention and a zero input for GDN. When decoding with a cache, pass it on every call (and
         position_ids); a call after the first needs attention_mask only if its own tokens include padding.
         Logits [B,T,V] fp32 are returned when there are no labels, or with return_logits=True (the loss alone never
-        materialises them); `logits_to_keep` > 0 computes them for the last that many positions only."""
+        materialises them); `logits_to_keep` > 0 computes them for the last that many positions only.
+        `num_items_in_batch` (transformers' name) divides the summed cross-entropy instead of this batch's target
+        count: the trainer passes the optimizer step's count so that the loss is a mean over all its tokens."""
         B, T = input_ids.shape
         if attention_mask is not None and cu_seqlens is not None:
             raise ValueError("pass attention_mask (padded batch) or cu_seqlens (packed documents), not both")
@@ -322,7 +326,9 @@ class HybridLM(nn.Module):
 
         targets = labels.reshape(-1)
         summed = linear_cross_entropy(x.reshape(B * T, -1), head_weight, targets)
-        out.ce_loss = summed / (targets != IGNORE_INDEX).sum().clamp(min=1)
+        if num_items_in_batch is None:
+            num_items_in_batch = (targets != IGNORE_INDEX).sum().clamp(min=1)
+        out.ce_loss = summed / num_items_in_batch
         zero = summed.new_zeros(())
         out.aux_loss = torch.stack([s.aux_loss for s in stats]).mean() if stats else zero
         out.z_loss = torch.stack([s.z_loss for s in stats]).mean() if stats else zero
@@ -360,6 +366,28 @@ class HybridLM(nn.Module):
         attention = cached_pattern(past, T, device, window=attn.sliding_window, key_segments=key_segments,
                                    cache_capacity=capacity)
         return TokenLayout(position_ids=position_ids, attention=attention, padding_mask=padding)
+
+    @torch.no_grad()
+    def resize_token_embeddings(self, vocab_size: int) -> None:
+        """Grow the embedding (and an untied LM head) to `vocab_size` rows, e.g. for chat tokens added to the
+        tokenizer. New rows are the mean of the old ones (Hewitt 2021, "Initializing new word embeddings"; what
+        transformers' mean_resizing starts from), so new tokens start with an average rather than a random score."""
+        old = self.config.vocab_size
+        if vocab_size < old:
+            raise ValueError(f"resize_token_embeddings({vocab_size}) would drop tokens: the model has {old}")
+        if vocab_size == old:
+            return
+        modules = [self.embed_tokens] + ([] if self.lm_head is None else [self.lm_head])
+        for module in modules:
+            weight = module.weight
+            grown = weight.new_empty(vocab_size, weight.shape[1])
+            grown[:old] = weight
+            grown[old:] = weight.mean(dim=0, keepdim=True)
+            module.weight = nn.Parameter(grown, requires_grad=weight.requires_grad)
+        self.embed_tokens.num_embeddings = vocab_size
+        if self.lm_head is not None:
+            self.lm_head.out_features = vocab_size
+        self.config = dataclasses.replace(self.config, vocab_size=vocab_size)
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """AdamW groups: no decay on norms, biases (every 1-D tensor), A_log and dt_bias."""

@@ -87,8 +87,11 @@ def build_data(
     world_size: int = 1,
     seed: int = 0,
     model_vocab_size: int | None = None,
+    init_from: str = "",
 ) -> DataBundle:
-    """Build tokenizer, training iterator and validation batches for this rank. Deterministic given `seed`."""
+    """Build tokenizer, training iterator and validation batches for this rank. Deterministic given `seed`.
+    `init_from` (model.init_from) is where an SFT run's tokenizer comes from (data.tokenizer=checkpoint); an SFT
+    tokenizer may outgrow `model_vocab_size` by its chat tokens (the trainer grows the embedding to it)."""
     if seq_len < 2:
         raise ValueError(f"seq_len={seq_len} must be >= 2")
     if micro_batch_size < 1:
@@ -98,6 +101,10 @@ def build_data(
     slicing = {"micro_batch_size": micro_batch_size, "rank": rank, "world_size": world_size}
     if cfg.source == "mqar":
         return _build_mqar(cfg.mqar, seq_len, seed, model_vocab_size, slicing)
+    if cfg.source == "sft":
+        from hybridlm.data.sft import build_sft_data
+
+        return build_sft_data(cfg, seq_len=seq_len, seed=seed, init_from=init_from, slicing=slicing)
 
     from hybridlm.data.store import cached_text_store, open_stores, read_header
     from hybridlm.data.tokenizer import load_tokenizer

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-SOURCES = ("stdlib", "text_files", "mqar", "memmap")
+SOURCES = ("stdlib", "text_files", "mqar", "memmap", "sft")
+SFT_TRAIN_ON = ("assistant", "completion", "all")
+SFT_FORMATS = ("auto", "messages", "prompt_completion")
 MIN_BPE_VOCAB = 257  # 256 byte symbols + <|endoftext|>
 DEFAULT_SHARD_TOKENS = 1 << 30  # tokens per .bin file written by prepare-data
 
@@ -66,6 +68,36 @@ class MQARConfig:
 
 
 @dataclass
+class SFTConfig:
+    """Supervised fine-tuning rows (`data.source=sft`, hybridlm.data.sft): `.jsonl` / `.parquet` files of
+    conversations (`messages: [{role, content}, ...]`) or prompt/completion pairs, rendered with the tokenizer's chat
+    template and packed whole into rows."""
+
+    format: str = "auto"  # auto (per row: messages if it has messages_field) | messages | prompt_completion
+    messages_field: str = "messages"
+    role_field: str = "role"
+    content_field: str = "content"
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
+    # Which targets carry a loss: assistant (every assistant turn's content and its end-of-turn token), completion
+    # (the last assistant turn only) or all (every token of the rendered conversation).
+    train_on: str = "assistant"
+    on_bad_row: str = "error"  # error | skip: malformed rows are counted and reported with their row numbers either way
+    overlong: str = "truncate"  # a conversation longer than trainer.seq_len: truncate (cut the end) | error
+    val_paths: list[str] = field(default_factory=list)  # held-out files; [] -> a hash split with data.val_fraction
+
+    def __post_init__(self) -> None:
+        choices = {"format": SFT_FORMATS, "train_on": SFT_TRAIN_ON, "on_bad_row": ("error", "skip"),
+                   "overlong": ("truncate", "error")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"data.sft.{name}={getattr(self, name)!r}; choose one of {', '.join(allowed)}")
+        for name in ("messages_field", "role_field", "content_field", "prompt_field", "completion_field"):
+            if not getattr(self, name):
+                raise ValueError(f"data.sft.{name} is empty: name the field of the rows")
+
+
+@dataclass
 class DataConfig:
     """Where training text comes from and how it is tokenised, split and packed.
 
@@ -75,6 +107,8 @@ class DataConfig:
                   .parquet (`text_field` column) files
       mqar        synthetic associative recall, see MQARConfig (no tokenizer training)
       memmap      `paths` are directories written by `hybridlm prepare-data`; their tokenizer is used
+      sft         `paths` are globs of .jsonl / .parquet chat or prompt/completion rows, see SFTConfig; the tokenizer
+                  is `tokenizer` (`checkpoint`: the one beside model.init_from)
     """
 
     source: str = "stdlib"
@@ -89,14 +123,18 @@ class DataConfig:
     max_documents: int = 0  # 0 = all; caps stdlib/text_files sources for quick runs
     pack: bool = True  # pack documents into rows (boundaries in cu_seqlens); False: one document per row, padded
     mqar: MQARConfig = field(default_factory=MQARConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
 
     def __post_init__(self) -> None:
         if isinstance(self.mqar, dict):  # built from a plain mapping rather than by OmegaConf
             self.mqar = MQARConfig(**self.mqar)
+        if isinstance(self.sft, dict):
+            self.sft = SFTConfig(**self.sft)
         if self.source not in SOURCES:
             raise ValueError(f"data.source={self.source!r} is not one of {', '.join(SOURCES)}")
-        if self.source in ("text_files", "memmap") and not self.paths:
-            what = "globs of .txt/.jsonl/.parquet files" if self.source == "text_files" else "prepare-data dirs"
+        if self.source in ("text_files", "memmap", "sft") and not self.paths:
+            what = {"text_files": "globs of .txt/.jsonl/.parquet files", "memmap": "prepare-data dirs",
+                    "sft": "globs of .jsonl/.parquet conversation files"}[self.source]
             raise ValueError(f"data.source={self.source} needs data.paths: set data.paths=[...] to {what}")
         if self.source in ("stdlib", "mqar") and self.paths:
             raise ValueError(
@@ -107,6 +145,11 @@ class DataConfig:
             raise ValueError("data.text_field is empty: name the jsonl/parquet field holding the text")
         if not self.tokenizer:
             raise ValueError('data.tokenizer is empty: use "bpe" or a path to tokenizer.json / a HF tokenizer dir')
+        if self.source == "sft" and self.tokenizer == "bpe":
+            raise ValueError(
+                "data.source=sft fine-tunes a trained model with its own tokenizer, so data.tokenizer=bpe (train a "
+                "new one) does not apply: use data.tokenizer=checkpoint (model.init_from's) or a tokenizer path"
+            )
         if self.vocab_size < MIN_BPE_VOCAB:
             raise ValueError(f"data.vocab_size={self.vocab_size} must be >= {MIN_BPE_VOCAB} (256 bytes + EOS)")
         if self.tokenizer_train_chars < 1:

@@ -29,6 +29,11 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
                      help="a token store directory (hybridlm prepare-data) or globs of .txt/.jsonl/.parquet files")
     ppl.add_argument("--split", default="val", help="split of a token store: val (default) or train")
     ppl.add_argument("--text-field", default="text", help="jsonl/parquet field holding the text")
+    ppl.add_argument("--sft", action="store_true",
+                     help="--data are SFT conversation files (.jsonl/.parquet, messages or prompt/completion): "
+                          "score the assistant tokens only, rendered with the model's chat template")
+    ppl.add_argument("--train-on", choices=("assistant", "completion", "all"), default="assistant",
+                     help="with --sft: which tokens are scored (as data.sft.train_on)")
     ppl.add_argument("--seq-len", type=int, default=2048, help="tokens per packed row")
     ppl.add_argument("--batch-size", type=int, default=8, help="rows per forward pass")
     ppl.add_argument("--max-documents", type=int, default=0, help="score only the first N documents (0 = all)")
@@ -128,6 +133,8 @@ def run_ppl(args: argparse.Namespace) -> int:
         raise SystemExit(f"--seq-len={args.seq_len} must be >= 2, --batch-size={args.batch_size} >= 1 and "
                          f"--max-documents={args.max_documents} >= 0")
     model, tokenizer, ckpt = load_model(args.model, args.device, args.dtype)
+    if args.sft:
+        return _run_sft_ppl(args, model, tokenizer, ckpt)
     documents, eos = load_documents(args.data, tokenizer, split=args.split, text_field=args.text_field)
     if args.max_documents:
         count = min(args.max_documents, documents.num_documents)
@@ -141,6 +148,28 @@ def run_ppl(args: argparse.Namespace) -> int:
     result.documents = documents.num_documents
     return _finish(args, {"model": str(ckpt.source), "data": args.data, "split": args.split,
                           "seq_len": args.seq_len, **result.to_dict()})
+
+
+def _run_sft_ppl(args: argparse.Namespace, model, tokenizer, ckpt) -> int:
+    """Loss and perplexity over the assistant tokens of held-out conversations (every conversation whole, packed as
+    in training; one longer than --seq-len is cut at the end)."""
+    from hybridlm.data.config import SFTConfig
+    from hybridlm.data.sft import BadRowsError, conversation_batches
+    from hybridlm.evaluate.ppl import evaluate_perplexity
+
+    if tokenizer is None or not tokenizer.chat_template:
+        raise SystemExit(f"--sft: {args.model} has no tokenizer with a chat template; score a model fine-tuned "
+                         "with `train.py experiment=sft` (which adds one)")
+    try:
+        batches, split = conversation_batches(args.data, tokenizer, SFTConfig(train_on=args.train_on),
+                                              seq_len=args.seq_len, batch_size=args.batch_size)
+    except (BadRowsError, FileNotFoundError) as error:
+        raise SystemExit(f"hybridlm eval ppl --sft: {error}") from None
+    progress = sys.stderr.isatty() if args.progress is None else args.progress
+    result = evaluate_perplexity(model, batches, progress=progress, total=-(-len(split.bins) // args.batch_size))
+    result.documents = len(split.conversations)
+    return _finish(args, {"model": str(ckpt.source), "data": args.data, "scored": args.train_on,
+                          "seq_len": args.seq_len, "truncated": split.truncated, **result.to_dict()})
 
 
 def run_config_section(source: Path, section: str) -> dict | None:

@@ -292,6 +292,15 @@ def _model_config(values: dict, where: str) -> ModelConfig:
         raise ExportError(f"{where}: invalid model config: {error}") from error
 
 
+def find_tokenizer_dir(path: str | Path) -> Path | None:
+    """The tokenizer directory of the checkpoint at `path` (found as read_checkpoint finds it), without reading any
+    weights; None when it has none."""
+    location = _locate(Path(path).expanduser())
+    if (location / "config.json").is_file():
+        return location if _has_tokenizer(location) else None
+    return _find_tokenizer(location)
+
+
 def _has_tokenizer(directory: Path) -> bool:
     return any((directory / name).is_file() for name in TOKENIZER_FILES)
 

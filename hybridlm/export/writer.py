@@ -149,7 +149,7 @@ def _save_tokenizer(tokenizer_dir: Path | None, directory: Path) -> dict:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    tokenizer.save_pretrained(str(directory))
+    tokenizer.save_pretrained(str(directory), save_jinja_files=False)  # the chat template in tokenizer_config.json
     ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
            "pad_token_id": tokenizer.pad_token_id}
     return {k: v for k, v in ids.items() if v is not None}

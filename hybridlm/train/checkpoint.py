@@ -120,7 +120,9 @@ def save_checkpoint(
     if rank == 0:
         (tmp / "config.yaml").write_text(config_yaml)
         if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp / "tokenizer"))
+            # The chat template inside tokenizer_config.json (not chat_template.jinja beside it), where every
+            # inference stack, old or new, reads it.
+            tokenizer.save_pretrained(str(tmp / "tokenizer"), save_jinja_files=False)
     dist.barrier()
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
         # One process per node: an fsync flushes the node's cached writes to a file, whichever process made them.

@@ -152,6 +152,7 @@ def _build_data_in_turn(cfg: TrainConfig, info: DistInfo):
                 world_size=info.world_size,
                 seed=cfg.trainer.seed,
                 model_vocab_size=cfg.model.vocab_size,
+                init_from=cfg.model.init_from,
             )
         dist.barrier()
     return bundle
@@ -173,6 +174,21 @@ def _validate(engine, bundle, max_batches: int, device: torch.device) -> tuple[f
     engine.train()
     dist.all_reduce(sums)
     return float(sums[0] / sums[2]), float(sums[1] / sums[2])
+
+
+def _step_batches(bundle, grad_accum_steps: int, info: DistInfo, token_mean: bool):
+    """The optimizer step's micro-batches, and the divisor of each one's summed cross-entropy (None: its own target
+    count). With `token_mean` the loss is the mean over the trained tokens of the whole global batch (every
+    micro-batch of every rank), as transformers' Trainer computes it for TRL's SFTTrainer by default (its
+    `num_items_in_batch` with `average_tokens_across_devices`): DeepSpeed divides each micro-batch's loss by the
+    accumulation steps and averages gradients over ranks, so the divisor is the global count / (steps x ranks)."""
+    batches = [next(bundle.train) for _ in range(grad_accum_steps)]
+    if not token_mean:
+        return batches, None
+    count = torch.tensor(float(sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)), device=info.device)
+    if info.world_size > 1:
+        dist.all_reduce(count)
+    return batches, count.clamp(min=1) / (grad_accum_steps * info.world_size)
 
 
 def _stop_if_signalled_during_start_up(preemption: PreemptionHandler, stage: str) -> None:
@@ -238,6 +254,12 @@ def _train(cfg: TrainConfig, preemption: PreemptionHandler) -> dict:
         source = load_pretrained_into(model, cfg.model.init_from)
         if info.is_main:
             print(f"initialised the weights from {source['source']} ({source['kind']})", flush=True)
+    if bundle.vocab_size > cfg.model.vocab_size:  # SFT: chat tokens added to the checkpoint's tokenizer
+        if info.is_main:
+            print(f"embedding grown from {cfg.model.vocab_size} to the tokenizer's {bundle.vocab_size} tokens",
+                  flush=True)
+        model.resize_token_embeddings(bundle.vocab_size)
+        cfg.model.vocab_size = bundle.vocab_size  # what the checkpoints' config records, so resume and export agree
     engine = build_engine(model, cfg, info)
 
     step, tokens_seen = 0, 0
@@ -276,6 +298,9 @@ def _train(cfg: TrainConfig, preemption: PreemptionHandler) -> dict:
     # ZeRO 0 in fp32 clips inside DeepSpeed without keeping the norm; measure it before the step instead.
     measure_grad_norm = ds.zero_stage == 0 and not engine.bfloat16_enabled()
     checkpoint, val_loss, unigram_loss, evaluated_step = resume_from, None, None, None
+    # SFT rows carry very different numbers of trained tokens: the loss is their mean over the whole optimizer step
+    # (see _step_batches). Pretraining rows are nearly full, and keep the per-micro-batch mean.
+    step_token_mean = cfg.data.source == "sft"
 
     def save() -> Path:
         trainer_state = {
@@ -293,9 +318,10 @@ def _train(cfg: TrainConfig, preemption: PreemptionHandler) -> dict:
     window.reset()
     while stop_reason is None:
         lr = engine.lr_scheduler.get_last_lr()[0]
-        for _ in range(ds.grad_accum_steps):
-            batch = {key: value.to(info.device, non_blocking=True) for key, value in next(bundle.train).items()}
-            out = engine(**batch)
+        step_batches, loss_divisor = _step_batches(bundle, ds.grad_accum_steps, info, step_token_mean)
+        for batch in step_batches:
+            batch = {key: value.to(info.device, non_blocking=True) for key, value in batch.items()}
+            out = engine(**batch) if loss_divisor is None else engine(**batch, num_items_in_batch=loss_divisor)
             engine.backward(out.loss)
             if engine.is_gradient_accumulation_boundary():
                 if measure_grad_norm:
