@@ -77,3 +77,19 @@ def test_two_deterministic_runs_on_cuda_give_bitwise_equal_losses(data_cache, tm
     assert json.loads((tmp_path / "first" / "kernel_check.json").read_text())["ok"]
     losses = [[r["loss"] for r in read_metrics(tmp_path / name).values()] for name in ("first", "second")]
     assert len(losses[0]) == 5 and losses[0] == losses[1]
+
+
+def test_the_checks_autotuning_choices_are_forgotten_before_training():
+    """The check times our kernels at small shapes; training must not keep those choices (keys leave out T)."""
+    from triton.runtime.autotuner import Autotuner
+
+    from hybridlm.kernels.gated_delta import backward
+    from hybridlm.kernels.moe import grouped_gemm
+    from hybridlm.train.kernel_check import forget_autotuning
+
+    tuners = [backward.state_backward_kernel, grouped_gemm._expert_rows_gemm_kernel]
+    assert all(isinstance(tuner, Autotuner) for tuner in tuners)
+    for tuner in tuners:
+        tuner.cache[("a key",)] = tuner.configs[0]
+    forget_autotuning()
+    assert all(not tuner.cache for tuner in tuners)

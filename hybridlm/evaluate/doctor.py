@@ -94,6 +94,9 @@ class DoctorReport:
         on_gpu = [r.op for r in self.results if r.kernel and r.on_gpu and r.status != "skipped"]
         elsewhere = [r.op for r in self.results if r.kernel and not r.on_gpu and r.status != "skipped"]
         lines.append("kernels run on a GPU: " + (", ".join(on_gpu) if on_gpu else "none"))
+        if not on_gpu and not elsewhere:
+            lines.append("  (every op here is a PyTorch reference: the kernels run on a GPU, or in the Triton CPU "
+                         "interpreter with model.gdn.backend=triton model.moe.backend=triton)")
         if elsewhere:
             lines.append("kernels run only in the Triton CPU interpreter (not on a GPU): " + ", ".join(elsewhere))
         if self.failures:

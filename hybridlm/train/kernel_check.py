@@ -11,6 +11,7 @@ PyTorch reference and there is nothing to check; with `model.gdn.backend=triton`
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -40,6 +41,7 @@ def check_kernels(cfg: TrainConfig, info: DistInfo) -> DoctorReport | None:
               "float64 ...", flush=True)
     report = run_checks(cfg.model, info.device, dtype, kernels_only=True,
                         model_name=f"{cfg.model.layer_pattern} x {cfg.model.mlp_pattern}")
+    forget_autotuning()
     failed_ranks = torch.tensor([1.0 if report.failures else 0.0], device=info.device)
     dist.all_reduce(failed_ranks)
     if info.is_main:
@@ -55,5 +57,19 @@ def check_kernels(cfg: TrainConfig, info: DistInfo) -> DoctorReport | None:
             f"kernel check failed on {where} before step 1; nothing was trained. "
             + (f"Fix: {'; '.join(fixes)}.\n{report.format()}" if report.failures else
                f"See the failing rank's report; this rank's:\n{report.format()}")
+            + "\n(trainer.kernel_check=false skips the check, for an op you have verified some other way)"
         )
     return report
+
+
+def forget_autotuning() -> None:
+    """Drop the configs Triton's autotuner chose for our kernels during the check: it timed them at the check's small
+    shapes, and their autotune keys leave out the number of tokens, so training would keep those choices. The
+    compiled kernels stay cached; training re-times them at its own shapes."""
+    from triton.runtime.autotuner import Autotuner
+
+    for name, module in list(sys.modules.items()):
+        if name.startswith("hybridlm.kernels.") and module is not None:
+            for value in vars(module).values():
+                if isinstance(value, Autotuner):
+                    value.cache.clear()
