@@ -71,7 +71,8 @@ def fused_recurrent_gated_delta_rule(q, k, v, g=None, beta=None, *, backend: str
         from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule as fla_recurrent
 
         g, beta = _gate_and_beta(g, beta, a, A_log, dt_bias, b)
-        return fla_recurrent(q, k, v, g, beta.to(q.dtype), **kwargs)
+        # By name: fla's recurrent signature has gk and gv between g and beta.
+        return fla_recurrent(q, k, v, g=g, beta=beta.to(q.dtype), **kwargs)
     if backend == "triton":
         from hybridlm.kernels.gated_delta import fused_recurrent_gated_delta_rule as impl
     else:

@@ -23,8 +23,12 @@ from .inputs import (
     GatedDeltaDims,
     check_cu_seqlens_shape,
     check_gated_delta_inputs,
+    compute_dtype,
     cu_seqlens_violation,
+    kv_state,
     raise_bad_cu_seqlens,
+    reject_unsupported_fla_arguments,
+    resolve_fla_conventions,
 )
 from .triton_common import CHUNK, INTERPRET
 
@@ -34,12 +38,14 @@ MAX_HEAD_DIM = 256
 K_BLOCK = 64
 
 
-def check_triton_inputs(q, k, v, dims: GatedDeltaDims) -> None:
-    """What the Triton path adds to the shared checks: one supported dtype, head dims it can tile, a usable device."""
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in SUPPORTED_DTYPES:
+def check_triton_inputs(q, k, v, dims: GatedDeltaDims) -> torch.dtype:
+    """What the Triton path adds to the shared checks: a compute dtype it supports (the widest of q, k, v), head
+    dims it can tile, a usable device. Returns the compute dtype."""
+    dtype = compute_dtype(q, k, v)
+    if dtype not in SUPPORTED_DTYPES:
         raise ValueError(
-            f"q, k, v have dtypes {q.dtype}, {k.dtype}, {v.dtype}; the Triton kernels need one of fp32/fp16/bf16 for "
-            "all three (use chunk_gated_delta_rule_ref for float64)"
+            f"q, k, v have dtypes {q.dtype}, {k.dtype}, {v.dtype}, computed in {dtype}; the Triton kernels compute in "
+            "fp32, fp16 or bf16 (use chunk_gated_delta_rule_ref for float64)"
         )
     for name, size in (("K", dims.head_k_dim), ("V", dims.head_v_dim)):
         if size > MAX_HEAD_DIM:
@@ -49,6 +55,7 @@ def check_triton_inputs(q, k, v, dims: GatedDeltaDims) -> None:
             f"tensors are on {q.device} but Triton runs on CUDA only (or on CPU with TRITON_INTERPRET=1 set before "
             "triton is imported); use chunk_gated_delta_rule_ref on CPU"
         )
+    return dtype
 
 
 def tile_size(dim: int) -> int:
@@ -87,15 +94,26 @@ def dense_layout(batch: int, seq_len: int) -> ChunkLayout:
     return ChunkLayout(seq_len, batch, batch * triton.cdiv(seq_len, CHUNK))
 
 
-def prepare_chunk_layout(cu_seqlens: torch.Tensor, seq_len: int) -> ChunkLayout:
+def _chunk_counts(bounds: torch.Tensor) -> torch.Tensor:
+    return (bounds[1:] - bounds[:-1] + CHUNK - 1) // CHUNK
+
+
+def prepare_chunk_layout(cu_seqlens: torch.Tensor, seq_len: int,
+                         cu_seqlens_cpu: torch.Tensor | None = None) -> ChunkLayout:  # fmt: skip
     """The chunk layout of documents packed along T by `cu_seqlens` [N + 1]; checks the values on the device.
 
-    One device-to-host read (the chunk count and the check's result). Build it once per batch and pass it as
-    `chunk_layout=` to every `chunk_gated_delta_rule` call on that batch.
+    One device-to-host read (the chunk count and the check's result), none when `cu_seqlens_cpu` (the same values
+    on the CPU, fla's argument) is given: the layout is then built there and copied over. Build it once per batch
+    and pass it as `chunk_layout=` to every `chunk_gated_delta_rule` call on that batch.
     """
     check_cu_seqlens_shape(cu_seqlens)
+    if cu_seqlens_cpu is not None:
+        host = prepare_chunk_layout(cu_seqlens_cpu.cpu(), seq_len)
+        device = cu_seqlens.device
+        return ChunkLayout(seq_len, host.num_docs, host.num_chunks, cu_seqlens.to(torch.int32),
+                           host.chunk_indices.to(device), host.chunk_offsets.to(device))  # fmt: skip
     bounds = cu_seqlens.to(torch.int64)
-    chunk_counts = (bounds[1:] - bounds[:-1] + CHUNK - 1) // CHUNK
+    chunk_counts = _chunk_counts(bounds)
     chunk_ends = chunk_counts.cumsum(0)
     num_chunks, bad = torch.stack([chunk_ends[-1], cu_seqlens_violation(bounds, seq_len).to(torch.int64)]).tolist()
     if bad:
@@ -106,6 +124,19 @@ def prepare_chunk_layout(cu_seqlens: torch.Tensor, seq_len: int) -> ChunkLayout:
     chunk_indices = torch.stack([document, flat - chunk_offsets[document]], dim=1).to(torch.int32)
     return ChunkLayout(seq_len, cu_seqlens.numel() - 1, num_chunks, cu_seqlens.to(torch.int32), chunk_indices,
                        chunk_offsets.to(torch.int32))
+
+
+def layout_from_chunk_indices(cu_seqlens: torch.Tensor, chunk_indices: torch.Tensor, seq_len: int) -> ChunkLayout:
+    """The layout of fla's precomputed `chunk_indices` [num_chunks, 2] ((document, chunk in document) of every
+    64-token chunk, fla.ops.utils.index.prepare_chunk_indices), built on the device without a host sync."""
+    check_cu_seqlens_shape(cu_seqlens)
+    if chunk_indices.dim() != 2 or chunk_indices.shape[1] != 2:
+        raise ValueError(f"chunk_indices must be [num_chunks, 2] (fla's prepare_chunk_indices(cu_seqlens, 64)), got "
+                         f"shape {tuple(chunk_indices.shape)}")  # fmt: skip
+    chunk_counts = _chunk_counts(cu_seqlens.to(torch.int64))
+    chunk_offsets = chunk_counts.cumsum(0) - chunk_counts
+    return ChunkLayout(seq_len, cu_seqlens.numel() - 1, chunk_indices.shape[0], cu_seqlens.to(torch.int32),
+                       chunk_indices.to(torch.int32), chunk_offsets.to(torch.int32))  # fmt: skip
 
 
 def _check_layout(layout: ChunkLayout, cu_seqlens: torch.Tensor | None, dims: GatedDeltaDims, device) -> None:
@@ -328,38 +359,58 @@ def chunk_gated_delta_rule(
     scale: float | None = None,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
-    cu_seqlens: torch.Tensor | None = None,
     use_qk_l2norm_in_kernel: bool = False,
+    use_beta_sigmoid_in_kernel: bool = False,
+    allow_neg_eigval: bool = False,
+    state_v_first: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    cu_seqlens_cpu: torch.Tensor | None = None,
+    chunk_indices: torch.Tensor | None = None,
+    cp_context=None,
     *,
-    a: torch.Tensor | None = None,
+    use_gate_in_kernel: bool = False,
     A_log: torch.Tensor | None = None,
     dt_bias: torch.Tensor | None = None,
+    chunk_size: int = 64,
+    a: torch.Tensor | None = None,
     b: torch.Tensor | None = None,
     chunk_layout: ChunkLayout | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Chunked gated delta rule (Triton), same contract as fla 0.6's `chunk_gated_delta_rule`.
+    """Chunked gated delta rule (Triton) with fla 0.6's `chunk_gated_delta_rule` signature and meaning.
 
-    q, k [B, T, H, K]; v [B, T, HV, V] (HV a multiple of H); g (log decay) and beta [B, T, HV], or raw `a, A_log,
-    dt_bias` (g = -exp(A_log) softplus(a + dt_bias)) and `b` (beta = sigmoid(b)); initial/final states
-    [N, HV, K, V] fp32; cu_seqlens [N+1] packs N documents along T (B == 1). `chunk_layout`, from
-    `prepare_chunk_layout(cu_seqlens, T)`, saves the one host sync a packed call otherwise makes (cu_seqlens may
-    then be omitted). Returns (o in q's dtype, final state or None). Differentiable w.r.t. every tensor input.
+    q, k [B, T, H, K]; v [B, T, HV, V] (HV a multiple of H); g (log decay) and beta [B, T, HV]; initial/final
+    states [N, HV, K, V] fp32 ([N, HV, V, K] with `state_v_first`); cu_seqlens [N+1] packs N documents along T
+    (B == 1). fla's flags: `use_gate_in_kernel` (g raw, g = -exp(A_log) softplus(g + dt_bias)),
+    `use_beta_sigmoid_in_kernel` (beta raw logits), `allow_neg_eigval` (beta = 2 sigmoid(logits)),
+    `cu_seqlens_cpu` and `chunk_indices` (spare the host sync). Our names for the raw forms: `a` (with A_log,
+    dt_bias) and `b`. `chunk_layout`, from `prepare_chunk_layout(cu_seqlens, T)` once per batch, spares the sync
+    too (cu_seqlens may then be omitted). q, k, v may differ in dtype: computed in the widest. Returns (o in q's
+    dtype, final state or None). Differentiable w.r.t. every tensor input. `cp_context` and chunk sizes other than
+    64 are refused (README: "Swapping with fla").
     """
+    reject_unsupported_fla_arguments(cp_context=cp_context, chunk_size=chunk_size)
+    g, beta, a, b = resolve_fla_conventions(g, beta, a, A_log, dt_bias, b, use_gate_in_kernel=use_gate_in_kernel,
+                                            use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel,
+                                            allow_neg_eigval=allow_neg_eigval)  # fmt: skip
+    initial_state = kv_state(initial_state, state_v_first)
     if chunk_layout is not None and not isinstance(chunk_layout, ChunkLayout):
         raise ValueError(f"chunk_layout must come from prepare_chunk_layout, got {type(chunk_layout).__name__}")
     if chunk_layout is not None and cu_seqlens is None:
         cu_seqlens = chunk_layout.cu_seqlens
     dims = check_gated_delta_inputs(q, k, v, g, beta, scale, initial_state, cu_seqlens, a, A_log, dt_bias, b,
                                     check_cu_seqlens_values=False)
-    check_triton_inputs(q, k, v, dims)
+    dtype = check_triton_inputs(q, k, v, dims)
     if chunk_layout is not None:
         _check_layout(chunk_layout, cu_seqlens, dims, q.device)
         layout = chunk_layout
+    elif cu_seqlens is not None and chunk_indices is not None:
+        layout = layout_from_chunk_indices(cu_seqlens, chunk_indices, dims.seq_len)
     elif cu_seqlens is not None:
-        layout = prepare_chunk_layout(cu_seqlens, dims.seq_len)
+        layout = prepare_chunk_layout(cu_seqlens, dims.seq_len, cu_seqlens_cpu)
     else:
         layout = dense_layout(dims.batch, dims.seq_len)
-    return ChunkGatedDeltaRuleFunction.apply(
-        q, k, v, g, beta, a, A_log, dt_bias, b, initial_state, layout, dims, output_final_state,
-        use_qk_l2norm_in_kernel,
+    o, final_state = ChunkGatedDeltaRuleFunction.apply(
+        q.to(dtype), k.to(dtype), v.to(dtype), g, beta, a, A_log, dt_bias, b, initial_state, layout, dims,
+        output_final_state, use_qk_l2norm_in_kernel,
     )
+    return o.to(q.dtype), kv_state(final_state, state_v_first)

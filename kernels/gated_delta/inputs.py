@@ -78,7 +78,10 @@ def check_gated_delta_inputs(
 
     if g is not None:
         if a is not None or A_log is not None or dt_bias is not None:
-            raise ValueError("pass either g (log-space decay) or the raw gate (a, A_log, dt_bias), not both")
+            raise ValueError(
+                "pass either g (log-space decay) or the raw gate (a, A_log, dt_bias), not both; with fla's naming, "
+                "use_gate_in_kernel=True makes g the raw gate that A_log and dt_bias apply to"
+            )
         _check_shape("g", g, (B, T, HV), "[B, T, HV] log-space decay")
         _check_float("g", g)
     else:
@@ -122,6 +125,63 @@ def check_gated_delta_inputs(
     if scale is None:
         scale = K**-0.5
     return GatedDeltaDims(B, T, H, HV, K, V, N, float(scale))
+
+
+def resolve_fla_conventions(g, beta, a, A_log, dt_bias, b, *, use_gate_in_kernel: bool = False,
+                            use_beta_sigmoid_in_kernel: bool = False, allow_neg_eigval: bool = False):
+    """fla 0.6's flags in our argument names: returns (g, beta, a, b) where g/beta are the activated gate and beta
+    and a/b the raw ones our kernels fuse (`A_log`, `dt_bias` mean the same in both).
+
+    fla: `use_gate_in_kernel=True` makes g the raw gate, g = -exp(A_log) * softplus(g + dt_bias) (fla's
+    gated_delta_rule/gate.py, no lower bound); `use_beta_sigmoid_in_kernel=True` makes beta the raw logits,
+    beta = sigmoid(beta), or 2 * sigmoid(beta) with `allow_neg_eigval=True` (negative eigenvalues, Grazzi et al.
+    2024). Ours: the raw forms under their own names `a` and `b`.
+    """
+    if use_gate_in_kernel:
+        if a is not None:
+            raise ValueError("use_gate_in_kernel=True reads the raw gate from g: pass it as g or as a, not both")
+        if g is None or A_log is None:
+            raise ValueError(
+                "use_gate_in_kernel=True needs the raw gate g [B, T, HV] and A_log [HV] (optionally dt_bias [HV]): "
+                "g = -exp(A_log) * softplus(g + dt_bias)"
+            )
+        g, a = None, g
+    if use_beta_sigmoid_in_kernel:
+        if b is not None:
+            raise ValueError("use_beta_sigmoid_in_kernel=True reads the beta logits from beta: pass them as beta or "
+                             "as b, not both")  # fmt: skip
+        beta, b = None, beta
+    if allow_neg_eigval:
+        if b is None:
+            raise ValueError("allow_neg_eigval=True scales raw beta logits to 2 * sigmoid(beta): it needs "
+                             "use_beta_sigmoid_in_kernel=True (or the logits as b)")  # fmt: skip
+        # The kernels fuse sigmoid(b) only; the factor 2 is one elementwise op here (autograd carries it).
+        beta, b = 2.0 * torch.sigmoid(b.float()), None
+    return g, beta, a, b
+
+
+def reject_unsupported_fla_arguments(**given) -> None:
+    """A clear error for the fla 0.6 arguments our kernels do not implement (README: "Swapping with fla")."""
+    why = {
+        "gk": "per-key decays (fla's KDA-style gk) are not Gated DeltaNet's scalar decay; pass g",
+        "gv": "per-value decays are not Gated DeltaNet's scalar decay; pass g",
+        "cp_context": "context parallelism is not implemented; split documents with cu_seqlens instead",
+        "chunk_size": "the kernels are built for 64-token chunks only",
+    }
+    for name, value in given.items():
+        if name == "chunk_size" and value == 64 or name != "chunk_size" and value is None:
+            continue
+        raise ValueError(f"{name}={value if name == 'chunk_size' else '...'} is not supported: {why[name]}")
+
+
+def kv_state(state: torch.Tensor | None, state_v_first: bool) -> torch.Tensor | None:
+    """A state in our [N, HV, K, V] layout from fla's `state_v_first` [N, HV, V, K], and back (a transpose)."""
+    return state.transpose(-1, -2).contiguous() if state is not None and state_v_first else state
+
+
+def compute_dtype(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.dtype:
+    """The widest of q, k, v (fp16 with bf16 gives fp32): mixed inputs, as fla accepts them, are computed in it."""
+    return torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
 
 
 def check_cu_seqlens_shape(cu_seqlens: torch.Tensor) -> None:

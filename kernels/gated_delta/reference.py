@@ -8,15 +8,24 @@ Recurrence, per value head (S is K x V, state in at least fp32):
 Layout and semantics follow fla 0.6: q, k [B, T, H, K]; v [B, T, HV, V] with HV a multiple of H (value head j reads
 q/k head j // (HV // H)); g, beta [B, T, HV]; states [N, HV, K, V]. Everything is differentiable by autograd.
 
-Optional fused extras (keyword only): `a, A_log, dt_bias` instead of g, giving g = -exp(A_log) * softplus(a + dt_bias),
-and `b` instead of beta, giving beta = sigmoid(b).
+Raw gates: fla's `use_gate_in_kernel=True` (g raw, with A_log, dt_bias) / `use_beta_sigmoid_in_kernel=True` (beta
+raw), or ours `a, A_log, dt_bias` instead of g, giving g = -exp(A_log) * softplus(a + dt_bias), and `b` instead of
+beta, giving beta = sigmoid(b).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .inputs import check_gated_delta_inputs, gate_from_raw, l2_normalize, sequence_bounds
+from .inputs import (
+    check_gated_delta_inputs,
+    gate_from_raw,
+    kv_state,
+    l2_normalize,
+    reject_unsupported_fla_arguments,
+    resolve_fla_conventions,
+    sequence_bounds,
+)
 
 CHUNK_SIZE = 64
 
@@ -135,12 +144,15 @@ def _chunk_segment(q, k, v, g, beta, state, chunk_size: int = CHUNK_SIZE) -> _Se
 
 
 def _gated_delta_rule(segment_fn, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
-                      use_qk_l2norm_in_kernel, a, A_log, dt_bias, b):
+                      use_qk_l2norm_in_kernel, a, A_log, dt_bias, b, state_v_first=False, output_dtype=None,
+                      **fla_flags):
+    g, beta, a, b = resolve_fla_conventions(g, beta, a, A_log, dt_bias, b, **fla_flags)
     dims, qc, kc, vc, gc, betac, state = _prepared_inputs(
-        q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm_in_kernel, a, A_log, dt_bias, b
+        q, k, v, g, beta, scale, kv_state(initial_state, state_v_first), cu_seqlens, use_qk_l2norm_in_kernel, a,
+        A_log, dt_bias, b,
     )
     o, final_state = _run_per_document(segment_fn, qc, kc, vc, gc, betac, state, cu_seqlens, dims.seq_len)
-    return o.to(q.dtype), (final_state if output_final_state else None)
+    return o.to(output_dtype or q.dtype), (kv_state(final_state, state_v_first) if output_final_state else None)
 
 
 def naive_recurrent_gated_delta_rule(
@@ -152,21 +164,28 @@ def naive_recurrent_gated_delta_rule(
     scale: float | None = None,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
-    cu_seqlens: torch.Tensor | None = None,
     use_qk_l2norm_in_kernel: bool = False,
+    use_beta_sigmoid_in_kernel: bool = False,
+    allow_neg_eigval: bool = False,
+    state_v_first: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
     *,
-    a: torch.Tensor | None = None,
+    use_gate_in_kernel: bool = False,
     A_log: torch.Tensor | None = None,
     dt_bias: torch.Tensor | None = None,
+    a: torch.Tensor | None = None,
     b: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Token-by-token gated delta rule: the oracle every other implementation is tested against.
 
-    Computes in the inputs' dtype promoted to at least fp32 (tests pass float64). Returns (o in q's dtype,
-    final_state [N, HV, K, V] in the compute dtype, or None unless output_final_state).
+    Arguments as fla 0.6's `chunk_gated_delta_rule` (see kernels/gated_delta/chunk.py). Computes in the inputs'
+    dtype promoted to at least fp32 (tests pass float64). Returns (o in q's dtype, final_state [N, HV, K, V] in
+    the compute dtype, or None unless output_final_state).
     """
     return _gated_delta_rule(_recurrent_segment, q, k, v, g, beta, scale, initial_state, output_final_state,
-                             cu_seqlens, use_qk_l2norm_in_kernel, a, A_log, dt_bias, b)
+                             cu_seqlens, use_qk_l2norm_in_kernel, a, A_log, dt_bias, b, state_v_first,
+                             use_gate_in_kernel=use_gate_in_kernel, allow_neg_eigval=allow_neg_eigval,
+                             use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel)  # fmt: skip
 
 
 def chunk_gated_delta_rule_ref(
@@ -178,18 +197,56 @@ def chunk_gated_delta_rule_ref(
     scale: float | None = None,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
-    cu_seqlens: torch.Tensor | None = None,
     use_qk_l2norm_in_kernel: bool = False,
+    use_beta_sigmoid_in_kernel: bool = False,
+    allow_neg_eigval: bool = False,
+    state_v_first: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
     *,
-    a: torch.Tensor | None = None,
+    use_gate_in_kernel: bool = False,
     A_log: torch.Tensor | None = None,
     dt_bias: torch.Tensor | None = None,
+    a: torch.Tensor | None = None,
     b: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Chunked (64 tokens) gated delta rule in plain PyTorch: the model's CPU path. Same contract as the naive one."""
     return _gated_delta_rule(_chunk_segment, q, k, v, g, beta, scale, initial_state, output_final_state,
-                             cu_seqlens, use_qk_l2norm_in_kernel, a, A_log, dt_bias, b)
+                             cu_seqlens, use_qk_l2norm_in_kernel, a, A_log, dt_bias, b, state_v_first,
+                             use_gate_in_kernel=use_gate_in_kernel, allow_neg_eigval=allow_neg_eigval,
+                             use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel)  # fmt: skip
 
 
-# Decoding feeds one or a few tokens against a state: the token loop is already the right algorithm there.
-fused_recurrent_gated_delta_rule_ref = naive_recurrent_gated_delta_rule
+def fused_recurrent_gated_delta_rule_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor | None = None,
+    gk: torch.Tensor | None = None,
+    gv: torch.Tensor | None = None,
+    beta: torch.Tensor | None = None,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    use_qk_l2norm_in_kernel: bool = False,
+    use_gate_in_kernel: bool = False,
+    A_log: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    use_beta_sigmoid_in_kernel: bool = False,
+    allow_neg_eigval: bool = False,
+    state_v_first: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    *,
+    a: torch.Tensor | None = None,
+    b: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Decoding feeds one or a few tokens against a state: the token loop is already the right algorithm there.
+    Arguments and results as fla 0.6's `fused_recurrent_gated_delta_rule` (o in v's dtype; g, beta optional)."""
+    reject_unsupported_fla_arguments(gk=gk, gv=gv)
+    if g is None and a is None:
+        g = v.new_zeros(v.shape[:3], dtype=torch.float32)
+    if beta is None and b is None:
+        beta = v.new_ones(v.shape[:3], dtype=torch.float32)
+    return _gated_delta_rule(_recurrent_segment, q, k, v, g, beta, scale, initial_state, output_final_state,
+                             cu_seqlens, use_qk_l2norm_in_kernel, a, A_log, dt_bias, b, state_v_first, v.dtype,
+                             use_gate_in_kernel=use_gate_in_kernel, allow_neg_eigval=allow_neg_eigval,
+                             use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel)  # fmt: skip

@@ -117,3 +117,20 @@ def test_fla_backend_gets_fp32_log_decay_without_dt_bias(monkeypatch):
     assert seen["g"].dtype == torch.float32 and seen["beta"].dtype == torch.bfloat16
     torch.testing.assert_close(seen["g"], -A_log.exp() * torch.nn.functional.softplus(a.float()))
     assert seen["kwargs"] == {"use_qk_l2norm_in_kernel": True}
+
+
+def test_fla_backend_decode_passes_beta_as_beta(monkeypatch):
+    """fla's recurrent signature is (q, k, v, g, gk, gv, beta, ...): beta passed fourth by position would be its gk."""
+    import fla.ops.gated_delta_rule as fla_gdn
+
+    seen = {}
+
+    def fla_recurrent(q, k, v, g=None, gk=None, gv=None, beta=None, **kwargs):
+        seen.update(gk=gk, gv=gv, beta=beta)
+        return v, None
+
+    monkeypatch.setattr(fla_gdn, "fused_recurrent_gated_delta_rule", fla_recurrent)
+    q, v = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 2, 16)
+    g, beta = -torch.rand(1, 1, 2), torch.rand(1, 1, 2)
+    ops.fused_recurrent_gated_delta_rule(q, q, v, g=g, beta=beta, backend="fla")
+    assert seen["gk"] is None and seen["gv"] is None and torch.equal(seen["beta"], beta)

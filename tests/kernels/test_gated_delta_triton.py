@@ -233,8 +233,6 @@ def test_recurrent_matches_reference_with_batch():
 
 def test_triton_path_rejects_what_it_cannot_run():
     inputs = make_inputs(1, 8, 1, 1, 32, 32)
-    with pytest.raises(ValueError, match="forward only"):
-        fused_recurrent_gated_delta_rule(**inputs)
     detached = {n: t.detach() for n, t in inputs.items()}
     with pytest.raises(ValueError, match="float64"):
         chunk_gated_delta_rule(**{**detached, "q": detached["q"].double()})
