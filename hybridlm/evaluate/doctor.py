@@ -15,6 +15,7 @@ interpreter (fp32, correct there; bf16 is not), and the report says they ran in 
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -98,7 +99,8 @@ class DoctorReport:
             lines.append("  (every op here is a PyTorch reference: the kernels run on a GPU, or in the Triton CPU "
                          "interpreter with model.gdn.backend=triton model.moe.backend=triton)")
         if elsewhere:
-            lines.append("kernels run only in the Triton CPU interpreter (not on a GPU): " + ", ".join(elsewhere))
+            lines.append("kernels run on the CPU only (Triton interpreter, eager FlexAttention), not on a GPU: "
+                         + ", ".join(elsewhere))
         if self.failures:
             lines.append(f"FAILED: {len(self.failures)} of {len(self.results)} checks: " + "; ".join(
                 f"{r.op} (fix: {r.fix})" for r in self.failures))
@@ -194,14 +196,15 @@ def run_checks(model: ModelConfig, device: torch.device, dtype: torch.dtype, *, 
         started = time.perf_counter()
         try:
             detail, status = check.run(), "pass"
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # an asynchronous kernel fault surfaces here: this op's failure
         except CheckSkipped as skip:
             detail, status = str(skip), "skipped"
         except CheckFailed as failure:
             detail, status = str(failure), "FAIL"
         except Exception as error:  # a crash (compile error, misaligned address, ...) is that op's failure
-            detail, status = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error) else ''}", "FAIL"
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+            message = str(error).strip().splitlines()
+            detail, status = f"{type(error).__name__}: {message[0] if message else ''}", "FAIL"
         result = CheckResult(check.op, status, time.perf_counter() - started, implementation, kernel,
                              device.type == "cuda", detail, check.fix)
         report.results.append(result)
@@ -219,7 +222,7 @@ def _compare(pairs, tol: float, measure=rel_err) -> str:
     for name, actual, expected in pairs:
         if not torch.isfinite(actual).all():
             raise CheckFailed(f"{name}: non-finite values")
-        err = measure(actual.detach().cpu(), expected.detach().cpu())
+        err = measure(actual.detach(), expected.detach())
         if err > tol:
             raise CheckFailed(f"{name}: error {err:.2e} > {tol:.0e}")
         if err > worst:
@@ -286,8 +289,8 @@ def _check_gdn_chunk(model, backend, device, dtype, small) -> str:
     o, state = ops.chunk_gated_delta_rule(**leaves, cu_seqlens=cu_seqlens, chunk_layout=layout, backend=backend,
                                           **kwargs)
     grads = _grads([o, state], leaves, seed=1)
-    ref_leaves = {n: t.detach().cpu().double().requires_grad_() for n, t in leaves.items()}
-    o_ref, state_ref = chunk_gated_delta_rule_ref(**ref_leaves, cu_seqlens=cu_seqlens.cpu(), **kwargs)
+    ref_leaves = {n: t.detach().double().requires_grad_() for n, t in leaves.items()}
+    o_ref, state_ref = chunk_gated_delta_rule_ref(**ref_leaves, cu_seqlens=cu_seqlens, **kwargs)
     ref_grads = _grads([o_ref, state_ref], ref_leaves, seed=1)
     if o.dtype != dtype:
         raise CheckFailed(f"output dtype {o.dtype}, expected {dtype}")
@@ -306,7 +309,7 @@ def _check_gdn_decode(model, backend, device, dtype) -> str:
     inputs = {n: t.to(device, torch.float32 if n == "initial_state" else dtype) for n, t in tensors.items()}
     with torch.no_grad():
         o, state = ops.fused_recurrent_gated_delta_rule(**inputs, backend=backend, **kwargs)
-    o_ref, state_ref = naive_recurrent_gated_delta_rule(**{n: t.cpu().double() for n, t in inputs.items()}, **kwargs)
+    o_ref, state_ref = naive_recurrent_gated_delta_rule(**{n: t.double() for n, t in inputs.items()}, **kwargs)
     return _compare([("output", o, o_ref), ("state", state, state_ref)], tol)
 
 
@@ -358,8 +361,8 @@ def _check_moe_router(model, backend, device, dtype, small) -> str:
 
     leaves = _leaves(tensors, lambda n: dtype, device)
     out, outputs, grads = run(route, leaves, bias.to(device) if bias is not None else None)
-    ref_leaves = {n: t.detach().cpu().double().requires_grad_() for n, t in leaves.items()}
-    ref, ref_outputs, ref_grads = run(route_ref, ref_leaves, bias.double() if bias is not None else None)
+    ref_leaves = {n: t.detach().double().requires_grad_() for n, t in leaves.items()}
+    ref, ref_outputs, ref_grads = run(route_ref, ref_leaves, bias.to(device).double() if bias is not None else None)
     _check_choices(out.expert_counts, ref.expert_counts)
     names = ["routing weights", "scores", "logsumexp", "probability sums"]
     return _compare([*zip(names, outputs, ref_outputs), ("router logits", out.router_logits, ref.router_logits)]
@@ -411,7 +414,8 @@ def _check_moe_experts(model, backend, device, dtype, small) -> str:
     y = RoutedExpertsFunction.apply(leaves["x"], leaves["weights"], leaves["gate_up"], leaves["down"], *layout,
                                     m.top_k)
     grads = _grads([y], leaves, seed=8)
-    ref = {n: t.detach().cpu().double().requires_grad_() for n, t in leaves.items()}
+    ref = {n: t.detach().double().requires_grad_() for n, t in leaves.items()}
+    order = order.to(device)
     out_sorted = swiglu_experts_ref(ref["x"][order // m.top_k], ref["gate_up"], ref["down"], counts)
     by_pair = torch.empty_like(out_sorted).index_copy(0, order, out_sorted).view(num_tokens, m.top_k, -1)
     y_ref = (by_pair * ref["weights"].unsqueeze(-1)).sum(dim=1)
@@ -436,8 +440,9 @@ def _check_moe_path(model, backend, device, dtype, small) -> str:
     leaves = _leaves(tensors, lambda n: dtype, device)
     counts, outputs, grads = run(ops.sparse_moe, leaves, bias.to(device) if bias is not None else None,
                                  backend=backend)
-    ref_leaves = {n: t.detach().cpu().double().requires_grad_() for n, t in leaves.items()}
-    ref_counts, ref_outputs, ref_grads = run(sparse_moe_ref, ref_leaves, bias.double() if bias is not None else None)
+    ref_leaves = {n: t.detach().double().requires_grad_() for n, t in leaves.items()}
+    ref_counts, ref_outputs, ref_grads = run(sparse_moe_ref, ref_leaves,
+                                             bias.to(device).double() if bias is not None else None)
     _check_choices(counts, ref_counts)
     names = ["output", "router logits", "logsumexp", "probability sums"]
     return _compare([*zip(names, outputs, ref_outputs)] + [(f"grad of {n}", grads[n], ref_grads[n]) for n in leaves],
@@ -466,9 +471,9 @@ def _check_attention(model, backend, device, dtype, small) -> str:
     pattern = attention.sequence_pattern(T, device, window=a.sliding_window, backend=backend,
                                          segment_ids=segments.to(device), sorted_segments=True)
     out = attention.attend(*leaves.values(), pattern)
-    ref_leaves = {n: t.detach().cpu().double().requires_grad_() for n, t in leaves.items()}
-    ref_pattern = attention.sequence_pattern(T, torch.device("cpu"), window=a.sliding_window, backend="sdpa",
-                                             segment_ids=segments, sorted_segments=True)
+    ref_leaves = {n: t.detach().double().requires_grad_() for n, t in leaves.items()}
+    ref_pattern = attention.sequence_pattern(T, device, window=a.sliding_window, backend="sdpa",
+                                             segment_ids=segments.to(device), sorted_segments=True)
     ref = attention.attend(*ref_leaves.values(), ref_pattern)
     pairs = [("output", out, ref)]
     if backward:
@@ -535,7 +540,8 @@ def run_doctor(args) -> int:
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     dtype = DTYPES[resolve_precision(cfg.deepspeed.precision, device)]
     name = next((o.split("=", 1)[1] for o in overrides if o.startswith("model=")), source or "model")
-    report = run_checks(cfg.model, device, dtype, model_name=name)
+    report = run_checks(cfg.model, device, dtype, model_name=name,
+                        progress=lambda line: print(line, file=sys.stderr, flush=True))  # compiling takes a while
     print(report.format(), flush=True)
     if args.json is not None:
         write_json(args.json, report.to_dict())
