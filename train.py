@@ -5,13 +5,19 @@
 Configs live in configs/ (see configs/train.yaml); any key can be overridden on the command line.
 """
 
-import os
+# First of all, before torch, Hydra, DeepSpeed and transformers load (seconds): from here on the scheduler's
+# preemption signal is recorded, and requeues the job once the trainer is up, instead of killing the process.
+from hybridlm.train.preemption import record_signals_during_start_up
 
-import hydra
-import torch
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
-from omegaconf import DictConfig
+record_signals_during_start_up()
+
+import os  # noqa: E402
+
+import hydra  # noqa: E402
+import torch  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from hydra.types import RunMode  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
 
 if not torch.cuda.is_available():
     # Triton runs on CPU only in interpreter mode, which must be chosen before triton is first imported.

@@ -128,6 +128,14 @@ def test_wrong_types_fail_naming_the_key(override, key):
         (["model.moe.aux_loss_scope=window"], "model.moe.aux_loss_scope='window'; choose one of"),
         (["wandb.finish_timeout_s=0"], "wandb.finish_timeout_s=0"),
         (["trainer.seq_len=8192"], "max_position_embeddings"),
+        # Checked whether or not the run uses them (no export format, no push, a source that ignores the key).
+        (["trainer.export_shard_size=lots"], "trainer.export_shard_size: shard_size='lots' is not a size"),
+        (["trainer.export_shard_size=0GB"], "trainer.export_shard_size: shard_size='0GB' must be positive"),
+        (["trainer.export_format=hybridlm", "trainer.export_push_to_hub=no-slash"],
+         "trainer.export_push_to_hub: --push-to-hub 'no-slash': give the repository as ORG/NAME"),
+        (["trainer.export_private=true"], "trainer.export_private=true needs trainer.export_push_to_hub"),
+        (["data=mqar", "data.tokenizer=tok.json"], "data.tokenizer='tok.json' is not used by data.source=mqar"),
+        (["data=memmap", "data.paths=[d]", "data.tokenizer=tok.json"], "is not used by data.source=memmap"),
     ],
 )
 def test_bad_values_fail_before_any_work(overrides, message):

@@ -26,6 +26,8 @@ from hybridlm.data.tokenizer import train_byte_level_bpe
 from hybridlm.export import ExportError, export_checkpoint, load_pretrained_into
 from hybridlm.export.checkpoint import read_checkpoint
 from hybridlm.export.formats import FORMATS
+from hybridlm.export.hub import PUSH_RECORD
+from hybridlm.export.writer import export_and_push_once
 from hybridlm.model import HybridLM
 
 VOCAB = 300
@@ -265,6 +267,19 @@ def test_nan_or_inf_weights_are_refused(tmp_path, tokenizer):
     assert not (tmp_path / "out").exists()
 
 
+def test_weights_beyond_the_bf16_range_are_refused_after_the_cast(tmp_path, tokenizer):
+    """Finite in fp32, inf once cast: the check runs on what would be written, and names the tensor."""
+    model = random_model(small_config())
+    state = model.state_dict()
+    state["layers.1.mlp.up_proj.weight"][0, 0] = torch.finfo(torch.float32).max
+    root = write_run(tmp_path / "run", model, tokenizer, state=state)
+    with pytest.raises(ExportError, match=r"bfloat16 turns values of layers\.1\.mlp\.up_proj\.weight \(largest "
+                                          r"\|value\| 3\.403e\+38\) into inf.*--dtype fp32"):
+        export_checkpoint(root, tmp_path / "out", dtype="bf16")
+    assert not (tmp_path / "out").exists()
+    assert export_checkpoint(root, tmp_path / "fp32", dtype="fp32").is_dir()
+
+
 def test_tensors_that_do_not_match_the_config_are_refused(tmp_path, tokenizer):
     model = random_model(small_config())
     state = model.state_dict()
@@ -488,6 +503,7 @@ class FakeHub:
 
     def __init__(self):
         self.requests = []
+        self.failing_commits = 0  # how many commit requests to refuse first (403: huggingface_hub does not retry it)
 
     def __call__(self, request):
         import httpx2
@@ -495,6 +511,9 @@ class FakeHub:
         body = request.read()
         self.requests.append((request.method, request.url.path, dict(request.headers), body))
         path = request.url.path
+        if path.endswith("/commit/main") and self.failing_commits:
+            self.failing_commits -= 1
+            return httpx2.Response(403, json={"error": "You have exceeded your storage quota"})
         if path == "/api/repos/create":
             return httpx2.Response(200, json={"url": "https://huggingface.co/org/tiny", "name": "org/tiny"})
         if path == "/api/validate-yaml":  # the model card's metadata block
@@ -562,8 +581,10 @@ def test_push_to_hub_over_http_never_shows_the_token(run, tmp_path, monkeypatch,
     assert all(headers["authorization"] == f"Bearer {SECRET}" for _, headers, _ in posts)
     create = json.loads(posts[0][2])
     assert create["name"] == "tiny" and create["organization"] == "org" and create["visibility"] == "private"
-    # Every file of OUT, byte for byte, and nothing else.
+    # Every file of OUT, byte for byte, and nothing else; then the record of the push, which is not uploaded.
     written = {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    record = json.loads(written.pop(PUSH_RECORD))
+    assert record == {"repo_id": "org/tiny", "url": "https://huggingface.co/org/tiny", "commit": "a" * 40}
     assert fake_hub.committed_files() == written
     assert {"config.json", "README.md", "tokenizer.json", "model.safetensors"} <= written.keys()
 
@@ -582,3 +603,44 @@ def test_push_without_a_token_fails_before_exporting(run, tmp_path, monkeypatch)
     with pytest.raises(ExportError, match="no Hugging Face token"):
         export_checkpoint(root, tmp_path / "out", push_to_hub="org/tiny")
     assert not (tmp_path / "out").exists()
+
+
+def test_push_while_offline_is_refused_before_exporting_with_one_clear_line(run, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    root, _ = run
+    monkeypatch.setenv("HF_TOKEN", SECRET)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # what HF_HUB_OFFLINE=1 sets
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["export", str(root), str(tmp_path / "out"), "--push-to-hub", "org/tiny"])
+    assert exit_info.value.code == ("hybridlm export: --push-to-hub org/tiny: HF_HUB_OFFLINE is set, so "
+                                    "huggingface_hub makes no network request; unset HF_HUB_OFFLINE to push, or "
+                                    "export without pushing")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_failed_push_is_retried_by_the_rerun_then_not_repeated(run, tmp_path, monkeypatch, fake_hub):
+    """The trainer's end-of-training export: a rerun finds the export complete but unpushed (no push record) and
+    pushes it; once pushed, a rerun does not upload again."""
+    root, _ = run
+    monkeypatch.setenv("HF_TOKEN", SECRET)
+    out = tmp_path / "export" / "hybridlm-step_00000003"
+    fake_hub.failing_commits = 1
+    with pytest.raises(ExportError, match=rf"(?s){re.escape(str(out))} is exported but was NOT pushed to org/tiny: "
+                                          r"HfHubHTTPError: .*403.*storage quota.*Retry with `hf upload org/tiny"):
+        export_and_push_once(root, out, push_to_hub="org/tiny", format="hybridlm")
+    assert (out / "config.json").is_file() and not (out / PUSH_RECORD).exists()
+
+    assert export_and_push_once(root, out, push_to_hub="org/tiny", format="hybridlm") == \
+        "pushed to https://huggingface.co/org/tiny"
+    written = {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert json.loads(written.pop(PUSH_RECORD))["repo_id"] == "org/tiny"
+    commits = [r for r in fake_hub.requests if r[1].endswith("/commit/main")]
+    assert len(commits) == 2
+    fake_hub.requests.remove(commits[0])  # the failed one; committed_files() reads the successful commit
+    assert fake_hub.committed_files() == written
+
+    fake_hub.requests.clear()
+    assert export_and_push_once(root, out, push_to_hub="org/tiny", format="hybridlm") == \
+        f"already pushed to org/tiny ({out / PUSH_RECORD})"
+    assert fake_hub.requests == []

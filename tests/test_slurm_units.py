@@ -111,6 +111,58 @@ def test_signal_while_building_the_data_exits_before_training_with_nothing_saved
     assert not (out_dir / "metrics.jsonl").exists() and not (out_dir / "checkpoints").exists()
 
 
+def test_signal_while_train_py_still_imports_torch_requeues_instead_of_killing(run_overrides, tmp_path):
+    """The first seconds of a job are imports (torch, DeepSpeed, transformers): train.py records the signal from its
+    first line, and the trainer acts on it once it is up, as on any start-up signal (without: exit -10)."""
+    out_dir, hold = tmp_path / "run", tmp_path / "hold"
+    hold.mkdir()
+    env = train_env({"HYBRIDLM_TEST_HOLD_IMPORT": f"torch:{hold}",
+                     "PYTHONPATH": os.pathsep.join([str(REPO / "tests" / "helpers" / "hold_import"),
+                                                    os.environ.get("PYTHONPATH", "")])})
+    proc = subprocess.Popen(train_command(out_dir, run_overrides), cwd=tmp_path, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while not (hold / "held").exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert (hold / "held").exists(), "train.py never reached `import torch`"
+        proc.send_signal(signal.SIGUSR1)
+        time.sleep(0.2)  # delivered while the import is held
+        (hold / "go").touch()
+        output, _ = proc.communicate(timeout=600)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, output[-3000:]
+    assert "[preemption] SIGUSR1 during start-up (data): nothing trained" in output, output[-3000:]
+    assert "not under Slurm; exiting" in output
+    assert not (out_dir / "metrics.jsonl").exists() and not (out_dir / "checkpoints").exists()
+
+
+def test_start_up_recorder_hands_signals_to_the_handler_and_gives_back_the_others(clean_env):
+    """What record_signals_during_start_up() caught before the trainer's handler existed: a watched signal counts
+    as caught; one the run does not watch gets its old handler back and is raised again."""
+    from hybridlm.train import preemption
+
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR1, signal.SIGUSR2)}
+    got_usr2 = []
+    signal.signal(signal.SIGUSR2, lambda signum, frame: got_usr2.append(signum))
+    try:
+        preemption.record_signals_during_start_up(["SIGUSR1", "SIGUSR2"])
+        os.kill(os.getpid(), signal.SIGUSR1)  # would end pytest with the default handler
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert got_usr2 == []  # only recorded
+        handler = PreemptionHandler(["SIGUSR1"]).install()
+        try:
+            assert handler.requested and handler.received is signal.SIGUSR1 and handler.signals_caught == 1
+            assert got_usr2 == [signal.SIGUSR2]  # back to its own handler, and delivered
+        finally:
+            handler.uninstall()
+        assert signal.getsignal(signal.SIGUSR1) is previous[signal.SIGUSR1]  # not the recorder
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
 def test_signal_while_loading_the_checkpoint_exits_before_training_and_keeps_it(run_overrides, tmp_path):
     out_dir = tmp_path / "run"
     train(out_dir, run_overrides + ["trainer.stop_at_step=3"])

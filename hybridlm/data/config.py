@@ -150,6 +150,12 @@ class DataConfig:
                 "data.source=sft fine-tunes a trained model with its own tokenizer, so data.tokenizer=bpe (train a "
                 "new one) does not apply: use data.tokenizer=checkpoint (model.init_from's) or a tokenizer path"
             )
+        if self.source in ("memmap", "mqar") and self.tokenizer != "bpe":
+            owner = "the store's own tokenizer.json" if self.source == "memmap" else "its own token ids"
+            raise ValueError(
+                f"data.tokenizer={self.tokenizer!r} is not used by data.source={self.source}, which uses {owner}; "
+                "drop data.tokenizer"
+            )
         if self.vocab_size < MIN_BPE_VOCAB:
             raise ValueError(f"data.vocab_size={self.vocab_size} must be >= {MIN_BPE_VOCAB} (256 bytes + EOS)")
         if self.tokenizer_train_chars < 1:

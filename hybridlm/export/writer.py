@@ -87,6 +87,25 @@ def export_checkpoint(
     return out
 
 
+def export_and_push_once(
+    src: str | Path, out: Path, *, push_to_hub: str | None = None, private: bool = False, **options
+) -> str | None:
+    """The end-of-training export, safe to rerun: OUT is written unless it exists (exports are renamed into place,
+    so an existing one is complete), then pushed unless its push record says it already went to `push_to_hub`. A
+    rerun after a failed push therefore retries the push. `options` as export_checkpoint's; returns how the push
+    went (None without one)."""
+    from hybridlm.export.hub import PUSH_RECORD, push_folder, pushed_to
+
+    out = Path(out)
+    if not out.exists():
+        export_checkpoint(src, out, **options)
+    if push_to_hub is None:
+        return None
+    if pushed_to(out) == push_to_hub:
+        return f"already pushed to {push_to_hub} ({out / PUSH_RECORD})"
+    return f"pushed to {push_folder(out, push_to_hub, private=private)}"
+
+
 def write_model_dir(
     ckpt: Checkpoint, directory: Path, format: str, dtype: torch.dtype, max_shard_bytes: int  # noqa: A002
 ) -> None:
@@ -95,6 +114,7 @@ def write_model_dir(
 
     cfg = ckpt.config
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in ckpt.state_dict.items()}
+    _refuse_overflow(ckpt.state_dict, state, dtype)
     token_ids = _save_tokenizer(ckpt.tokenizer_dir, directory)
     if format == "hybridlm":
         tensors = {f"model.{name}": own_storage(t) for name, t in state.items()}  # ZeRO gives views of flat groups
@@ -116,6 +136,18 @@ def write_model_dir(
     from hybridlm.export.card import model_card
 
     (directory / "README.md").write_text(model_card(cfg, format, dtype, ckpt.metadata))
+
+
+def _refuse_overflow(source: dict[str, torch.Tensor], cast: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+    """The source is finite (validate_state_dict), but a value beyond the export dtype's range becomes inf in the
+    cast (bf16 and fp32 share the exponent range, yet fp32 values within half a bf16 ulp of its max round up)."""
+    overflowed = [name for name, t in cast.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if overflowed:
+        details = ", ".join(f"{name} (largest |value| {source[name].abs().max().item():.4g})" for name in overflowed)
+        raise ExportError(
+            f"casting to {str(dtype).removeprefix('torch.')} turns values of {details} into inf (largest finite "
+            f"value {torch.finfo(dtype).max:.4g}); export with --dtype fp32 (trainer.export_dtype=fp32)"
+        )
 
 
 def _hybridlm_config(cfg: ModelConfig, dtype: torch.dtype, token_ids: dict, metadata: dict) -> dict:

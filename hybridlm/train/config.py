@@ -14,7 +14,7 @@ from typing import Any
 
 from hybridlm.config import ConfigError, ModelConfig
 from hybridlm.data.config import DataConfig
-from hybridlm.train.preemption import parse_signal
+from hybridlm.train.preemption import DEFAULT_PREEMPT_SIGNALS, parse_signal
 
 SCHEDULES = ("cosine", "wsd", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -106,7 +106,7 @@ class TrainerConfig:
     cpu_threads: int = 0
     # Sent by the scheduler before it kills the job (Slurm: --signal=USR1@300): finish the step, save a checkpoint,
     # requeue the job (hybridlm.train.preemption). Under submitit its own signal (USR2) is handled too. [] for none.
-    preempt_signals: list[str] = field(default_factory=lambda: ["SIGUSR1"])
+    preempt_signals: list[str] = field(default_factory=lambda: list(DEFAULT_PREEMPT_SIGNALS))
     stop_at_step: int = 0  # >0: save and stop after this step, schedule unchanged (jobs split by a time limit)
     stop_at_val_below_unigram_ratio: float = 0.0  # >0: stop once val loss < this * the unigram baseline
     # At the end of a run (not on preemption): export the final checkpoint to out_dir/export/FORMAT-step_N.
@@ -144,6 +144,23 @@ class TrainerConfig:
             not self.export_push_to_hub or bool(self.export_format),
             f"trainer.export_push_to_hub={self.export_push_to_hub!r} needs trainer.export_format (what to push)",
         )
+        _require(
+            not self.export_private or bool(self.export_push_to_hub),
+            "trainer.export_private=true needs trainer.export_push_to_hub=ORG/NAME (the repository it makes private)",
+        )
+        # Every value is checked whether or not this run uses it, so a typo never waits for the day it is used.
+        from hybridlm.export.hub import check_repo_id
+        from hybridlm.export.writer import parse_size
+
+        try:
+            parse_size(self.export_shard_size)
+        except ValueError as error:
+            raise ConfigError(f"trainer.export_shard_size: {error}") from None
+        if self.export_push_to_hub:
+            try:
+                check_repo_id(self.export_push_to_hub)
+            except ValueError as error:
+                raise ConfigError(f"trainer.export_push_to_hub: {error}") from None
         _require(
             self.stop_at_step <= self.max_steps,
             f"trainer.stop_at_step={self.stop_at_step} is past trainer.max_steps={self.max_steps}",

@@ -215,17 +215,13 @@ def run(cfg: TrainConfig) -> dict:
 def _train(cfg: TrainConfig, preemption: PreemptionHandler) -> dict:
     trainer = cfg.trainer
     resume_from = resolve_resume(trainer.resume, trainer.out_dir)  # fail on a bad resume before any heavy work
-    if trainer.export_format:  # an architecture the target format cannot express fails now, not at the end
+    # What the config alone cannot check (TrainerConfig checked the values): the architecture against the format,
+    # the token for a push. Fails now, not at the end.
+    if trainer.export_format:
         from hybridlm.export.formats import FORMATS
-
-        from hybridlm.export.writer import parse_size
 
         if trainer.export_format in FORMATS:
             FORMATS[trainer.export_format].check_fits(cfg.model)
-        try:
-            parse_size(trainer.export_shard_size)
-        except ValueError as error:
-            raise ValueError(f"trainer.export_shard_size: {error}") from None
         if trainer.export_push_to_hub:
             from hybridlm.export.hub import check_push_target
 
@@ -386,16 +382,29 @@ def _train(cfg: TrainConfig, preemption: PreemptionHandler) -> dict:
     if trainer.export_format:
         exported = Path(trainer.out_dir) / "export" / f"{trainer.export_format}-step_{step:08d}"
         # Every rank's shards are on disk (save_checkpoint ends with a barrier). The export is written to a temporary
-        # directory and renamed, so an existing one is complete: a rerun of a finished run keeps it.
-        if info.is_main and not exported.exists():
-            from hybridlm.export import export_checkpoint
+        # directory and renamed, so an existing one is complete: a rerun of a finished run keeps it, and retries a
+        # push that failed.
+        failure = None
+        if info.is_main:
+            from hybridlm.export import ExportError
+            from hybridlm.export.writer import export_and_push_once
 
-            export_checkpoint(checkpoint, exported, format=trainer.export_format, dtype=trainer.export_dtype,
-                              shard_size=trainer.export_shard_size, push_to_hub=trainer.export_push_to_hub or None,
-                              private=trainer.export_private)
-        report.say(f"exported ({trainer.export_format}, {trainer.export_dtype}): {exported}")
+            try:
+                pushed = export_and_push_once(
+                    checkpoint, exported, format=trainer.export_format, dtype=trainer.export_dtype,
+                    shard_size=trainer.export_shard_size, push_to_hub=trainer.export_push_to_hub or None,
+                    private=trainer.export_private,
+                )
+            except ExportError as error:
+                failure = error
+            else:
+                report.say(f"exported ({trainer.export_format}, {trainer.export_dtype}): {exported}")
+                if pushed:
+                    report.say(pushed)
         if dist.is_initialized():
-            dist.barrier()
+            dist.barrier()  # the other ranks wait for rank 0's export, whether or not it failed
+        if failure is not None:
+            raise failure
     return {
         "step": step,
         "checkpoint": checkpoint,

@@ -28,6 +28,29 @@ if TYPE_CHECKING:
     import torch
 
 
+DEFAULT_PREEMPT_SIGNALS = ("SIGUSR1",)  # trainer.preempt_signals' default: Slurm's --signal=USR1@300
+
+# record_signals_during_start_up(): signal -> the handler it replaced, and the signals caught before the trainer's
+# PreemptionHandler took them over.
+_recorded_handlers: dict[signal.Signals, object] = {}
+_caught_during_start_up: list[signal.Signals] = []
+
+
+def _record_start_up_signal(signum: int, frame) -> None:
+    _caught_during_start_up.append(signal.Signals(signum))
+
+
+def record_signals_during_start_up(signals: Sequence[str] = DEFAULT_PREEMPT_SIGNALS) -> None:
+    """Catch `signals` from now on and only record them: train.py calls this first, before torch, DeepSpeed and
+    transformers load (seconds), during which the scheduler's warning signal would otherwise kill the process
+    (exit -10) instead of requeueing the job. PreemptionHandler.install() takes the record over: a recorded signal
+    it watches counts as caught (so the start-up check requeues before the first step); one it does not watch is
+    given back to its previous handler and raised again, with the effect it would have had."""
+    for sig in (parse_signal(name) for name in signals):
+        if sig not in _recorded_handlers:
+            _recorded_handlers[sig] = signal.signal(sig, _record_start_up_signal)
+
+
 def parse_signal(name: str) -> signal.Signals:
     """`SIGUSR1`, `USR1` or `usr1` -> signal.SIGUSR1; a clear error for anything else."""
     key = name.strip().upper()
@@ -85,9 +108,20 @@ class PreemptionHandler:
         if self._previous:
             return self
         self._submitit = _submitit_signal_handler()
-        watched = self.signals + ([self._submitit[0]] if self._submitit else [])
-        for sig in dict.fromkeys(watched):
-            self._previous[sig] = signal.signal(sig, self._on_signal)
+        watched = list(dict.fromkeys(self.signals + ([self._submitit[0]] if self._submitit else [])))
+        for sig in watched:
+            previous = signal.signal(sig, self._on_signal)
+            # uninstall() gives back what was there before the start-up recorder, not the recorder
+            self._previous[sig] = _recorded_handlers.pop(sig) if previous is _record_start_up_signal else previous
+        for sig, previous in list(_recorded_handlers.items()):  # recorded, but not a preemption signal of this run
+            signal.signal(sig, previous)
+            del _recorded_handlers[sig]
+        caught, _caught_during_start_up[:] = list(_caught_during_start_up), []
+        for sig in caught:
+            if sig in watched:
+                self._on_signal(sig, None)
+            else:
+                signal.raise_signal(sig)
         return self
 
     def uninstall(self) -> None:
