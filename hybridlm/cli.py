@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # (module, function that adds the subcommand's parser); imported lazily so `hybridlm --help` stays fast.
@@ -25,6 +26,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    if not torch.cuda.is_available():
+        # As train.py: Triton runs on a CPU only in its interpreter, which must be chosen before triton is imported
+        # (the subcommands' modules import it), so that `hybridlm doctor model.gdn.backend=triton` runs the kernels.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
 
