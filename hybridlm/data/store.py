@@ -8,6 +8,7 @@ A store is a directory:
   {split}-{k:05d}.idx.npy        int64 document offsets into that .bin, [num_documents + 1], starting at 0
   {split}-target-counts.npy      int64 [vocab_size]: how often each token is a training target (tokens[1:] + EOS of
                                  every document), for the unigram baseline
+  curation/                      with `prepare-data --curate`: report.json, funnel.png, removed/{stage}/*.jsonl.gz
 Splits are "train" and "val". Readers use np.memmap and never load the tokens whole. A store appears atomically:
 it is written to a temporary sibling directory and renamed into place.
 """
@@ -25,6 +26,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
@@ -44,6 +46,9 @@ from hybridlm.data.tokenizer import (
     tokenizer_sha256,
     train_byte_level_bpe,
 )
+
+if TYPE_CHECKING:
+    from hybridlm.data.curation.config import CurationConfig
 
 log = logging.getLogger(__name__)
 
@@ -226,10 +231,10 @@ def _tokenizer_identity(cfg: DataConfig) -> dict:
     return {"tokenizer_sha256": tokenizer_sha256(load_tokenizer(cfg.tokenizer))}
 
 
-def _bpe_training_texts(cfg: DataConfig, files: list[Path]) -> Iterator[str]:
+def _bpe_training_texts(cfg: DataConfig, documents: Iterator[str]) -> Iterator[str]:
     """Train-split documents in source order until `tokenizer_train_chars` characters (validation text is unseen)."""
     budget = cfg.tokenizer_train_chars
-    for text in iter_documents(cfg, files):
+    for text in documents:
         if is_validation_document(text, cfg.val_fraction):
             continue
         yield text[:budget]
@@ -238,18 +243,33 @@ def _bpe_training_texts(cfg: DataConfig, files: list[Path]) -> Iterator[str]:
             return
 
 
-def write_text_store(cfg: DataConfig, out_dir: Path, shard_tokens: int = DEFAULT_SHARD_TOKENS) -> dict:
-    """Tokenise a stdlib/text_files source into a store at `out_dir` (must not exist); returns its header."""
+def write_text_store(cfg: DataConfig, out_dir: Path, shard_tokens: int = DEFAULT_SHARD_TOKENS,
+                     curation: CurationConfig | None = None) -> dict:  # fmt: skip
+    """Tokenise a stdlib/text_files source into a store at `out_dir` (must not exist); returns its header.
+
+    With `curation` stages, the documents first go through hybridlm.data.curation (in a resumable work directory
+    beside `out_dir`); the store then also holds curation/ (report, funnel plot, removed documents) and its header a
+    `curation` entry."""
     files = source_files(cfg)
     if cfg.source == "text_files":
         check_text_files(files, cfg.text_field)
     out_dir = Path(out_dir)
+    curated = None
+    if curation is not None and curation.enabled:
+        from hybridlm.data.curation import Curation
+
+        curated = Curation(cfg, curation, files, out_dir, source_fingerprint(cfg, files))
+        curated.run()
+
+    def documents() -> Iterator[str]:
+        return curated.documents() if curated else iter_documents(cfg, files)
+
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     work_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         started = time.perf_counter()
         if cfg.tokenizer == "bpe":
-            tokenizer = train_byte_level_bpe(_bpe_training_texts(cfg, files), cfg.vocab_size)
+            tokenizer = train_byte_level_bpe(_bpe_training_texts(cfg, documents()), cfg.vocab_size)
             log.info("trained a %d-token byte-level BPE in %.1fs", len(tokenizer), time.perf_counter() - started)
         else:
             tokenizer = load_tokenizer(cfg.tokenizer)
@@ -264,7 +284,7 @@ def write_text_store(cfg: DataConfig, out_dir: Path, shard_tokens: int = DEFAULT
                 writer.add(split, documents)
             batch.clear()
 
-        for text in iter_documents(cfg, files):
+        for text in documents():
             batch.append(text)
             if len(batch) == _ENCODE_BATCH_DOCUMENTS:
                 flush()
@@ -273,6 +293,7 @@ def write_text_store(cfg: DataConfig, out_dir: Path, shard_tokens: int = DEFAULT
             val_fraction=cfg.val_fraction,
             tokenizer_sha256=tokenizer_sha256(tokenizer),
             source={**source_fingerprint(cfg, files), "max_documents": cfg.max_documents},
+            **({"curation": curated.publish_into(work_dir, tokenizer)} if curated else {}),
         )
         for split in SPLITS:
             if header["splits"][split]["num_documents"] == 0:
@@ -291,6 +312,8 @@ def write_text_store(cfg: DataConfig, out_dir: Path, shard_tokens: int = DEFAULT
         )
         os.chmod(work_dir, 0o755)  # mkdtemp makes it private; the store is meant to be shared
         os.rename(work_dir, out_dir)
+        if curated:
+            curated.cleanup()
         return header
     except BaseException:
         shutil.rmtree(work_dir, ignore_errors=True)

@@ -1,0 +1,231 @@
+"""Run the curation stages on datatrove executors, resumably, in a work directory beside the output store.
+
+Work directory layout (kept across interrupted runs, deleted once the store is published):
+  settings.json             what this work directory is for; a different request restarts it from scratch
+  input/{rank}.jsonl.gz     the source's documents (normalised, capped by max_documents), one shard per task
+  exact/, minhash/          datatrove's signature, bucket and cluster files
+  after_exact/              documents kept by exact dedup (MinHash's signatures index these)
+  removed/{stage}/          documents each stage removed, with datatrove's `filter_reason` (exclusion writers)
+  tally/{stage}/            documents and characters leaving each stage, per task
+  curated/{rank}.jsonl.gz   what gets tokenised
+  logs/{pipeline}/          datatrove's logs, stats and completion markers: finished tasks are skipped on a rerun
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from hybridlm.data.config import DataConfig
+from hybridlm.data.curation.config import CurationConfig
+from hybridlm.data.curation.steps import (
+    DecontaminationFilter,
+    ProseOnly,
+    ShardReader,
+    StageTally,
+    exact_dedup_key,
+    iter_eval_items,
+    looks_like_code,
+    normalise_text,
+    shard_name,
+    words,
+)
+
+log = logging.getLogger(__name__)
+SLURM_POLL_S = 2.0
+
+
+def check_eval_sets(curation: CurationConfig) -> dict:
+    """Read every eval item once before any work (bad lines fail here); counts for the report."""
+    if "decontaminate" not in curation.stages:
+        return {}
+    items = short = 0
+    for _, text in iter_eval_items(curation.decontaminate, curation.decontaminate_field):
+        items += 1
+        short += len(words(text)) < curation.decontaminate_ngram
+    if items == short:
+        raise ValueError(
+            f"--decontaminate {curation.decontaminate}: none of its {items} items has "
+            f"{curation.decontaminate_ngram} words, so nothing can match; lower --decontaminate-ngram"
+        )
+    return {"eval_items": items, "eval_items_shorter_than_ngram": short}
+
+
+def prepare_work_dir(work_dir: Path, identity: dict) -> None:
+    """Resume `work_dir` when it was started for the same `identity`; otherwise start it afresh."""
+    settings = work_dir / "settings.json"
+    if work_dir.exists():
+        if settings.is_file() and json.loads(settings.read_text()) == identity:
+            log.info("resuming curation in %s (finished tasks are skipped)", work_dir)
+            return
+        log.info("curation work directory %s was for other settings or is incomplete: starting afresh", work_dir)
+        shutil.rmtree(work_dir)
+    work_dir.mkdir(parents=True)
+    settings.write_text(json.dumps(identity, indent=2, sort_keys=True))
+
+
+def read_input(documents: Iterator[str]) -> list[str]:
+    texts = [normalise_text(text) for text in documents]
+    if not texts:
+        raise ValueError("the source gives no documents to curate; check --paths / --max-documents")
+    return texts
+
+
+def materialise_input(texts: list[str], folder: Path, tasks: int) -> None:
+    """Write the documents into `tasks` shards of contiguous runs (so the output keeps source order), tagging each
+    as code or prose; the folder appears atomically, so a rerun never reads a partial one."""
+    if folder.is_dir():
+        return
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    per_task = -(-len(texts) // tasks)
+    for rank in range(tasks):
+        with gzip.open(partial / shard_name(rank), "wt", encoding="utf-8") as handle:
+            for index in range(rank * per_task, min(len(texts), (rank + 1) * per_task)):
+                text = texts[index]
+                metadata = {"kind": "code" if looks_like_code(text) else "prose"}
+                handle.write(json.dumps({"text": text, "id": str(index), "metadata": metadata}) + "\n")
+    partial.rename(folder)
+
+
+def build_pipelines(curation: CurationConfig, work: Path) -> list[tuple[str, list, int]]:
+    """(name, steps, tasks) of each datatrove pipeline, in dependency order."""
+    from datatrove.pipeline.dedup import (
+        MinhashConfig,
+        MinhashDedupBuckets,
+        MinhashDedupCluster,
+        MinhashDedupFilter,
+        MinhashDedupSignature,
+    )
+    from datatrove.pipeline.dedup.exact_dedup import (
+        ExactDedupConfig,
+        ExactDedupFilter,
+        ExactDedupSignature,
+        ExactFindDedups,
+    )
+    from datatrove.pipeline.filters import C4QualityFilter, GopherQualityFilter, GopherRepetitionFilter
+    from datatrove.pipeline.writers import JsonlWriter
+
+    stages, tasks = curation.stages, curation.tasks
+    tally = work / "tally"
+
+    def removed(stage: str) -> JsonlWriter:
+        return JsonlWriter(str(work / "removed" / stage))
+
+    pipelines = []
+    steps: list = [ShardReader(work / "input", "read"), StageTally(tally, "input")]
+    if "exact" in stages:
+        exact = ExactDedupConfig(content_getter=exact_dedup_key)
+        pipelines.append(("exact_signatures", [*steps, ExactDedupSignature(str(work / "exact" / "sigs"), exact)],
+                          tasks))  # fmt: skip
+        pipelines.append(("exact_find", [ExactFindDedups(str(work / "exact" / "sigs"), str(work / "exact" / "dups"),
+                                                         exact, save_cluster_size=True)], 1))  # fmt: skip
+        steps = [ShardReader(work / "input", "exact dedup"),
+                 ExactDedupFilter(str(work / "exact" / "dups"), exact, exclusion_writer=removed("exact")),
+                 StageTally(tally, "exact", histogram_field="duplicate_count")]  # fmt: skip
+    if "minhash" in stages:
+        settings = curation.minhash
+        config = MinhashConfig(n_grams=settings.ngram, num_buckets=settings.bands, hashes_per_bucket=settings.rows,
+                               seed=settings.seed)  # fmt: skip
+        minhash = work / "minhash"
+        pipelines.append(("minhash_signatures", [*steps, JsonlWriter(str(work / "after_exact")),
+                                                 MinhashDedupSignature(str(minhash / "sigs"), config)], tasks))  # fmt: skip
+        pipelines.append(("minhash_buckets", [MinhashDedupBuckets(str(minhash / "sigs"), str(minhash / "buckets"),
+                                                                  config=config)], settings.bands))  # fmt: skip
+        pipelines.append(("minhash_cluster", [MinhashDedupCluster(str(minhash / "buckets"), str(minhash / "remove"),
+                                                                  config=config, save_cluster_size=True)], 1))  # fmt: skip
+        steps = [ShardReader(work / "after_exact", "minhash dedup"),
+                 MinhashDedupFilter(str(minhash / "remove"), exclusion_writer=removed("minhash"),
+                                    load_cluster_sizes=True),
+                 StageTally(tally, "minhash", histogram_field="minhash_cluster_size")]  # fmt: skip
+    filters = {
+        "gopher_repetition": lambda: ProseOnly(GopherRepetitionFilter(**vars(curation.gopher_repetition))),
+        "gopher_quality": lambda: ProseOnly(GopherQualityFilter(**vars(curation.gopher_quality))),
+        "c4": lambda: ProseOnly(C4QualityFilter(**vars(curation.c4))),
+        "decontaminate": lambda: DecontaminationFilter(curation.decontaminate, curation.decontaminate_field,
+                                                       curation.decontaminate_ngram),  # fmt: skip
+    }
+    for stage, make in filters.items():
+        if stage in stages:
+            step = make()
+            step.exclusion_writer = removed(stage)
+            steps += [step, StageTally(tally, stage)]
+    pipelines.append(("filter", [*steps, JsonlWriter(str(work / "curated"))], tasks))
+    return pipelines
+
+
+def run_pipelines(curation: CurationConfig, work: Path) -> None:
+    pipelines = build_pipelines(curation, work)
+    started = time.perf_counter()
+    if curation.executor == "local":
+        from datatrove.executor import LocalPipelineExecutor
+
+        for name, steps, tasks in pipelines:
+            log.info("curation: %s (%d tasks)", name, tasks)
+            LocalPipelineExecutor(steps, tasks=tasks, workers=min(curation.workers, tasks),
+                                  logging_dir=str(work / "logs" / name), start_method="fork").run()  # fmt: skip
+    else:
+        _run_on_slurm(curation, work, pipelines)
+    incomplete = [name for name, _, tasks in pipelines if not _completed(work / "logs" / name, tasks)]
+    if incomplete:
+        raise RuntimeError(f"curation pipelines {incomplete} did not finish; see {work / 'logs'} and rerun to resume")
+    log.info("curation pipelines finished in %.1fs", time.perf_counter() - started)
+
+
+def _completed(logging_dir: Path, tasks: int) -> bool:
+    return all((logging_dir / "completions" / f"{rank:05d}").exists() for rank in range(tasks))
+
+
+def _run_on_slurm(curation: CurationConfig, work: Path, pipelines: list) -> None:
+    """One job array per pipeline, each depending on the previous (datatrove's `depends`); then wait for them."""
+    from datatrove.executor import SlurmPipelineExecutor
+
+    activate = Path(sys.prefix) / "bin" / "activate"
+    previous = None
+    executors = []
+    for name, steps, tasks in pipelines:
+        previous = SlurmPipelineExecutor(
+            steps, tasks=tasks, time=curation.slurm_time, partition=curation.slurm_partition,
+            cpus_per_task=curation.slurm_cpus_per_task, mem_per_cpu_gb=curation.slurm_mem_per_cpu_gb,
+            job_name=f"curate-{name}", qos="", logging_dir=str(work / "logs" / name), depends=previous,
+            venv_path=str(activate) if activate.is_file() and sys.prefix != sys.base_prefix else None,
+        )  # fmt: skip
+        executors.append((name, tasks, previous))
+    previous.run()  # launches the whole chain
+    job_ids = [str(executor.job_id) for _, _, executor in executors if executor.job_id not in (None, -1)]
+    log.info("curation: submitted Slurm jobs %s; waiting", ", ".join(job_ids) or "(none: all tasks done)")
+    last_name, last_tasks, _ = executors[-1]
+    while not _completed(work / "logs" / last_name, last_tasks):
+        queued = subprocess.run(["squeue", "--noheader", "--format=%i", "--jobs", ",".join(job_ids)],
+                                capture_output=True, text=True).stdout.split()  # fmt: skip
+        if job_ids and not queued and not _completed(work / "logs" / last_name, last_tasks):
+            raise RuntimeError(
+                f"curation Slurm jobs {job_ids} left the queue before finishing; see their logs under "
+                f"{work / 'logs'}/*/slurm_logs and rerun to resume"
+            )
+        time.sleep(SLURM_POLL_S)
+
+
+def curated_documents(work: Path, tasks: int) -> Iterator[str]:
+    """The curated documents in source order (task shards in rank order)."""
+    for rank in range(tasks):
+        path = work / "curated" / shard_name(rank)
+        if path.is_file():
+            with gzip.open(path, "rt", encoding="utf-8") as handle:
+                for line in handle:
+                    yield json.loads(line)["text"]
+
+
+def removed_documents(work: Path, stage: str) -> Iterator[dict]:
+    for path in sorted((work / "removed" / stage).glob("*.jsonl.gz")):
+        with gzip.open(path, "rt", encoding="utf-8") as handle:
+            for line in handle:
+                yield json.loads(line)

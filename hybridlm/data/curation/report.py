@@ -1,0 +1,116 @@
+"""The curation report: per-stage funnel, removals by rule with examples, duplicate clusters, eval matches.
+
+Written as `curation/report.json` and `curation/funnel.png` inside the store, and printed as a table.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+from hybridlm.data.curation.config import STAGES, CurationConfig
+from hybridlm.data.curation.pipeline import removed_documents
+
+EXAMPLE_CHARS = 300
+
+
+def _tally(work: Path, stage: str) -> dict:
+    total = {"documents": 0, "chars": 0, "code_documents": 0, "histogram": Counter()}
+    for path in sorted((work / "tally" / stage).glob("*.json")):
+        part = json.loads(path.read_text())
+        for key in ("documents", "chars", "code_documents"):
+            total[key] += part[key]
+        total["histogram"].update({int(key): value for key, value in part["histogram"].items()})
+    return total
+
+
+def _cluster_sizes(histogram: Counter, *, counts_copies: bool) -> dict:
+    """{cluster size: clusters}. Exact dedup tags each kept document with its removed copies (size = copies + 1);
+    MinHash tags it with its cluster's size, and documents outside any cluster carry size 1."""
+    sizes = Counter()
+    for value, documents in histogram.items():
+        size = value + 1 if counts_copies else value
+        if size > 1:
+            sizes[size] += documents
+    return {str(size): sizes[size] for size in sorted(sizes)}
+
+
+def build_report(curation: CurationConfig, work: Path, encode_lengths, eval_counts: dict) -> dict:
+    """`encode_lengths(texts) -> list[int]`: token counts under the store's tokenizer."""
+    stages = []
+    before = _tally(work, "input")
+    report = {"settings": curation.settings(), "input": {"documents": before["documents"], "chars": before["chars"],
+                                                        "code_documents": before["code_documents"]}}  # fmt: skip
+    for stage in (stage for stage in STAGES if stage in curation.stages):
+        after = _tally(work, stage)
+        removed = list(removed_documents(work, stage))
+        reasons = Counter(doc["metadata"].get("filter_reason", "duplicate") for doc in removed)
+        examples: dict[str, list] = {}
+        for doc in removed:
+            reason = doc["metadata"].get("filter_reason", "duplicate")
+            if len(examples.setdefault(reason, [])) < curation.examples_per_rule:
+                example = {"id": doc["id"], "text": doc["text"][:EXAMPLE_CHARS]}
+                if "eval_item" in doc["metadata"]:
+                    example.update(eval_item=doc["metadata"]["eval_item"], ngram=doc["metadata"]["eval_ngram"])
+                examples[reason].append(example)
+        entry = {
+            "stage": stage,
+            "documents_in": before["documents"],
+            "documents_out": after["documents"],
+            "chars_in": before["chars"],
+            "chars_out": after["chars"],
+            "tokens_removed": int(sum(encode_lengths([doc["text"] for doc in removed]))),
+            "removed_by_rule": dict(reasons.most_common()),
+            "examples": examples,
+        }
+        if stage in ("exact", "minhash"):
+            entry["cluster_sizes"] = _cluster_sizes(after["histogram"], counts_copies=stage == "exact")
+        if stage in ("gopher_repetition", "gopher_quality", "c4"):
+            entry["code_documents_passed"] = before["code_documents"]
+        if stage == "decontaminate":
+            entry["eval_items_matched"] = dict(Counter(doc["metadata"]["eval_item"] for doc in removed).most_common())
+            entry.update(eval_counts)
+        stages.append(entry)
+        before = after
+    report["stages"] = stages
+    report["output"] = {"documents": before["documents"], "chars": before["chars"]}
+    return report
+
+
+def format_table(report: dict) -> str:
+    rows = [("stage", "docs in", "docs out", "removed", "chars out", "tokens removed", "top rules")]
+    for entry in report["stages"]:
+        rules = ", ".join(f"{rule} {count}" for rule, count in list(entry["removed_by_rule"].items())[:3])
+        rows.append((entry["stage"], str(entry["documents_in"]), str(entry["documents_out"]),
+                     str(entry["documents_in"] - entry["documents_out"]), str(entry["chars_out"]),
+                     str(entry["tokens_removed"]), rules or "-"))  # fmt: skip
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
+
+
+def plot_funnel(report: dict, path: Path) -> None:
+    """Documents and characters left after each stage, as a share of the input."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = ["input"] + [entry["stage"] for entry in report["stages"]]
+    documents = [report["input"]["documents"]] + [entry["documents_out"] for entry in report["stages"]]
+    chars = [report["input"]["chars"]] + [entry["chars_out"] for entry in report["stages"]]
+    figure, axis = plt.subplots(figsize=(1.4 * len(labels) + 2, 4))
+    positions = range(len(labels))
+    axis.bar([p - 0.2 for p in positions], [100 * d / max(1, documents[0]) for d in documents], 0.4,
+             label="documents")  # fmt: skip
+    axis.bar([p + 0.2 for p in positions], [100 * c / max(1, chars[0]) for c in chars], 0.4, label="characters")
+    for position, count in zip(positions, documents):
+        axis.annotate(str(count), (position - 0.2, 100 * count / max(1, documents[0])), ha="center", va="bottom",
+                      fontsize=8)  # fmt: skip
+    axis.set_xticks(list(positions), labels, rotation=20)
+    axis.set_ylabel("% of input left")
+    axis.set_title("curation funnel")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)

@@ -1,0 +1,287 @@
+"""`prepare-data --curate` on generated corpora: exact and MinHash dedup rates, quality filters, decontamination,
+the report, resume after an interruption, bad input, and training on the curated store.
+
+Measured on this corpus (200-word documents, default MinHash 5-grams x 14 bands x 8 rows, LSH threshold 0.72):
+see MEASURED below; the test asserts the issue's bounds (>= 95% of 1-2% near-duplicates, <= 1% of unique documents).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("datatrove")
+
+from hybridlm.cli import main  # noqa: E402
+from hybridlm.data.config import DataConfig  # noqa: E402
+from hybridlm.data.curation import CurationConfig, MinhashSettings  # noqa: E402
+from hybridlm.data.store import read_header, write_text_store  # noqa: E402
+
+from helpers.launch import TINY_MODEL, read_metrics, train  # noqa: E402
+
+STOP_WORDS = ["the", "be", "to", "of", "and", "that", "have", "with", "in", "a", "is", "for", "on", "it"]
+WORDS_PER_DOCUMENT = 200
+
+
+def _vocabulary(rng: random.Random, size: int = 4000) -> list[str]:
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    return ["".join(rng.choice(letters) for _ in range(rng.randint(3, 9))) for _ in range(size)]
+
+
+def prose(rng: random.Random, vocabulary: list[str], words: int = WORDS_PER_DOCUMENT) -> list[str]:
+    """Random words, a stop word every few, as a word list (sentences and lines are added by `as_text`)."""
+    return [rng.choice(STOP_WORDS) if rng.random() < 0.3 else rng.choice(vocabulary) for _ in range(words)]
+
+
+def as_text(words: list[str]) -> str:
+    """Sentences of 10 words on lines of two sentences: passes Gopher's and C4's rules as ordinary prose does."""
+    sentences = [" ".join(words[i : i + 10]).capitalize() + "." for i in range(0, len(words), 10)]
+    return "\n".join(" ".join(sentences[i : i + 2]) for i in range(0, len(sentences), 2))
+
+
+def near_duplicate(rng: random.Random, words: list[str], vocabulary: list[str], fraction: float) -> list[str]:
+    copy = list(words)
+    for index in rng.sample(range(len(copy)), max(1, round(fraction * len(copy)))):
+        copy[index] = rng.choice(vocabulary)
+    return copy
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    return path
+
+
+def removed_keys(store: Path, stage: str, records: list[dict]) -> list[str]:
+    """The `key` of every record that `stage` removed (found by its text, which curation keeps as it is)."""
+    key_of = {record["text"]: record["key"] for record in records}
+    keys = []
+    for path in sorted((store / "curation" / "removed" / stage).glob("*.jsonl.gz")):
+        with gzip.open(path, "rt") as handle:
+            keys += [key_of[json.loads(line)["text"]] for line in handle]
+    return keys
+
+
+def curate(tmp_path: Path, records: list[dict], curation: CurationConfig, name: str = "store") -> tuple[Path, dict]:
+    corpus = write_jsonl(tmp_path / f"{name}.jsonl", records)
+    cfg = DataConfig(source="text_files", paths=[str(corpus)], vocab_size=300, val_fraction=0.1)
+    out = tmp_path / name
+    return out, write_text_store(cfg, out, curation=curation)
+
+
+@pytest.fixture(scope="module")
+def dedup_corpus() -> tuple[list[dict], dict]:
+    """Unique documents, exact copies (layout changed), and near-duplicates at 1-2%, 5% and 10% of words replaced;
+    each record's `key` names its role (the pipeline reads only `text`)."""
+    rng = random.Random(0)
+    vocabulary = _vocabulary(rng)
+    originals = [prose(rng, vocabulary) for _ in range(500)]
+    records = [{"text": as_text(words), "key": f"unique-{i}"} for i, words in enumerate(originals)]
+    plan = {"exact": range(0, 40), "near-0.01": range(40, 90), "near-0.02": range(90, 140),
+            "near-0.05": range(140, 190), "near-0.10": range(190, 240)}  # fmt: skip
+    for kind, indices in plan.items():
+        for i in indices:
+            if kind == "exact":
+                text = as_text(originals[i]).replace("\n", "\n\n  ")  # same words, other whitespace
+            else:
+                text = as_text(near_duplicate(rng, originals[i], vocabulary, float(kind.split("-")[1])))
+            records.append({"text": text, "key": f"{kind}-{i}"})
+    rng.shuffle(records)
+    return records, plan
+
+
+def test_exact_and_minhash_dedup_rates(tmp_path, dedup_corpus):
+    records, plan = dedup_corpus
+    store, header = curate(tmp_path, records, CurationConfig(stages=("exact", "minhash")))
+    exact, minhash = removed_keys(store, "exact", records), removed_keys(store, "minhash", records)
+
+    def pairs_removed(kind: str, removed: list[str]) -> float:
+        """Share of (original, copy) pairs of which exactly one is gone (either may be the one kept)."""
+        hits = [(f"unique-{i}" in removed) + (f"{kind}-{i}" in removed) for i in plan[kind]]
+        assert max(hits) <= 1, f"{kind}: both members of a pair removed"
+        return sum(hits) / len(hits)
+
+    assert pairs_removed("exact", exact) == 1.0
+    assert len(exact) == len(plan["exact"])
+    rates = {kind: pairs_removed(kind, minhash) for kind in plan if kind != "exact"}
+    partnered = {f"unique-{i}" for indices in plan.values() for i in indices}
+    lone_removed = [key for key in minhash if key.startswith("unique-") and key not in partnered]
+    lone_rate = len(lone_removed) / (500 - len(partnered))
+    near_1_2 = (rates["near-0.01"] + rates["near-0.02"]) / 2
+    print("MEASURED minhash removal:", rates, "unique documents removed:", lone_rate)
+    assert near_1_2 >= 0.95
+    assert lone_rate <= 0.01
+    # The 14 x 8 bands place the S-curve at s = 0.72: 5% of words replaced gives 5-gram Jaccard ~0.6, 10% ~0.4, so
+    # MinHash is expected to miss most of those (FineWeb's trade-off: few false positives).
+    assert rates["near-0.10"] <= rates["near-0.05"] <= near_1_2
+    assert rates["near-0.10"] < 0.5
+
+    report = json.loads((store / "curation" / "report.json").read_text())
+    stages = {entry["stage"]: entry for entry in report["stages"]}
+    assert stages["exact"]["documents_in"] == len(records)
+    assert stages["exact"]["documents_out"] == len(records) - len(exact)
+    assert stages["minhash"]["documents_out"] == len(records) - len(exact) - len(minhash)
+    assert stages["exact"]["cluster_sizes"] == {"2": len(plan["exact"])}
+    assert sum(int(size) * count for size, count in stages["minhash"]["cluster_sizes"].items()) >= 2 * len(minhash)
+    assert stages["minhash"]["tokens_removed"] > 0
+    assert (store / "curation" / "funnel.png").stat().st_size > 0
+    assert header["curation"]["stages"] == ["exact", "minhash"]
+    assert header["curation"]["minhash"]["lsh_threshold"] == pytest.approx(0.7192, abs=1e-3)
+    kept = header["splits"]["train"]["num_documents"] + header["splits"]["val"]["num_documents"]
+    assert kept == report["output"]["documents"] == len(records) - len(exact) - len(minhash)
+
+
+def python_sources(count: int) -> list[str]:
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = ["textwrap.py", "bisect.py", "colorsys.py", "keyword.py", "fnmatch.py", "glob.py", "shlex.py",
+             "heapq.py", "queue.py", "sched.py"]  # fmt: skip
+    return [(root / name).read_text() for name in files[:count]]
+
+
+def test_quality_filters_remove_planted_junk_and_keep_prose_and_code(tmp_path):
+    rng = random.Random(1)
+    vocabulary = _vocabulary(rng)
+    good = [{"text": as_text(prose(rng, vocabulary)), "key": f"prose-{i}"} for i in range(30)]
+    good += [{"text": text, "key": f"code-{i}"} for i, text in enumerate(python_sources(10))]
+    junk = []
+    for i in range(5):
+        banner = f"Subscribe to our newsletter for the best deals number {i} today!"
+        junk.append({"text": "\n".join([banner] * 25 + [as_text(prose(rng, vocabulary, 30))]), "key": f"repeated-{i}"})
+        junk.append({"text": " ".join(rng.choice(["#", "###", "$$", "&&&", "#tag"]) + " " + rng.choice(vocabulary)
+                                      for _ in range(80)), "key": f"symbols-{i}"})  # fmt: skip
+        junk.append({"text": f"Menu\nHome\nLogin\nCart {i}\n" + "Click here.\n" * 3, "key": f"boilerplate-{i}"})
+        junk.append({"text": as_text(prose(rng, vocabulary, 120)) + "\nLorem ipsum dolor sit amet, consectetur.",
+                     "key": f"lorem-{i}"})  # fmt: skip
+    records = good + junk
+    rng.shuffle(records)
+    store, _ = curate(tmp_path, records, CurationConfig(stages=("gopher_repetition", "gopher_quality", "c4")))
+    removed = {key for stage in ("gopher_repetition", "gopher_quality", "c4") for key in removed_keys(store, stage, records)}
+    junk_keys = {record["key"] for record in junk}
+    print(f"MEASURED quality filters: {len(removed & junk_keys)}/{len(junk_keys)} planted junk removed, "
+          f"{len(removed - junk_keys)}/{len(good)} good documents removed")
+    assert removed == junk_keys, (sorted(junk_keys - removed), sorted(removed - junk_keys))
+    report = json.loads((store / "curation" / "report.json").read_text())
+    rules = {rule for entry in report["stages"] for rule in entry["removed_by_rule"]}
+    assert {"dup_line_frac", "lorem_ipsum"} <= rules
+    assert all(len(examples) <= 3 for entry in report["stages"] for examples in entry["examples"].values())
+    assert report["stages"][0]["code_documents_passed"] == 10
+
+
+def test_decontamination_removes_eval_overlap_and_keeps_neighbours(tmp_path):
+    rng = random.Random(2)
+    vocabulary = _vocabulary(rng)
+    passages = [prose(rng, vocabulary, 40) for _ in range(3)]
+    eval_set = write_jsonl(tmp_path / "eval.jsonl", [{"question": " ".join(words)} for words in passages])
+    records = [{"text": as_text(prose(rng, vocabulary)), "key": f"clean-{i}"} for i in range(20)]
+    for i, words in enumerate(passages):
+        body = prose(rng, vocabulary)
+        records.append({"text": as_text(body[:100] + words[5:18] + body[100:]), "key": f"contaminated-{i}"})
+        # 12 consecutive words of the passage: one short of the 13-gram window
+        records.append({"text": as_text(body[:100] + words[5:17] + body[100:]), "key": f"neighbour-{i}"})
+    store, header = curate(tmp_path, records, CurationConfig(stages=("decontaminate",), decontaminate=[str(eval_set)],
+                                                             decontaminate_field="question"))  # fmt: skip
+    assert sorted(removed_keys(store, "decontaminate", records)) == [f"contaminated-{i}" for i in range(3)]
+    entry = json.loads((store / "curation" / "report.json").read_text())["stages"][0]
+    assert entry["eval_items_matched"] == {f"eval.jsonl:{i + 1}": 1 for i in range(3)}
+    assert header["curation"]["decontaminate"]["ngram"] == 13
+
+
+def test_curated_store_trains_with_memmap(tmp_path, dedup_corpus):
+    records, _ = dedup_corpus
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", records[:300])
+    out = tmp_path / "curated"
+    assert main(["prepare-data", "--source", "text_files", "--paths", str(corpus), "--vocab-size", "512",
+                 "--val-fraction", "0.1", "--curate", "default", "--out", str(out)]) == 0  # fmt: skip
+    assert not (tmp_path / ".curated.curation").exists()  # the work directory goes once the store is published
+    result = train(tmp_path / "run", TINY_MODEL + [
+        "data=memmap", f"data.paths=[{out}]", "data.val_fraction=0.1", "deepspeed=zero0",
+        "deepspeed.micro_batch_size=2", "trainer.seq_len=64", "trainer.max_steps=3", "trainer.log_every=1",
+        "trainer.eval_every=0", "trainer.save_every=0", "trainer.progress_bar=false", "optim.warmup_steps=1",
+    ])  # fmt: skip
+    assert result.returncode == 0
+    assert sorted(read_metrics(tmp_path / "run")) == [1, 2, 3]
+
+
+def test_curate_none_is_todays_output(tmp_path, dedup_corpus):
+    records, _ = dedup_corpus
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", records[:100])
+    common = ["prepare-data", "--source", "text_files", "--paths", str(corpus), "--vocab-size", "300"]
+    main([*common, "--out", str(tmp_path / "plain")])
+    main([*common, "--curate", "none", "--out", str(tmp_path / "none")])
+    for name in sorted(path.name for path in (tmp_path / "plain").iterdir()):
+        assert (tmp_path / "plain" / name).read_bytes() == (tmp_path / "none" / name).read_bytes(), name
+    assert "curation" not in read_header(tmp_path / "none")
+    assert not (tmp_path / "none" / "curation").exists()
+
+
+def test_interrupted_curation_resumes_to_the_same_store(tmp_path, dedup_corpus, monkeypatch):
+    import hybridlm.data.curation.pipeline as pipeline
+
+    records = dedup_corpus[0][:150]
+    curation = CurationConfig(stages=("exact", "minhash", "gopher_quality"), tasks=2)
+    clean, clean_header = curate(tmp_path, records, curation, name="clean")
+
+    build = pipeline.build_pipelines
+
+    def crash_in_filters(*args):
+        pipelines = build(*args)
+        name, steps, tasks = pipelines[-1]
+        return [*pipelines[:-1], (name, [*steps[:-1], _crash], tasks)]
+
+    monkeypatch.setattr(pipeline, "build_pipelines", crash_in_filters)
+    with pytest.raises(RuntimeError, match="simulated crash|did not finish"):
+        curate(tmp_path, records, curation, name="resumed")
+    assert not (tmp_path / "resumed").exists()
+    work = tmp_path / ".resumed.curation"
+    assert (work / "logs" / "minhash_cluster" / "completions" / "00000").exists()
+    monkeypatch.setattr(pipeline, "build_pipelines", build)
+    resumed, header = curate(tmp_path, records, curation, name="resumed")
+    assert header["content_sha256"] == clean_header["content_sha256"]
+    assert sorted(removed_keys(resumed, "minhash", records)) == sorted(removed_keys(clean, "minhash", records))
+    assert not work.exists()
+
+
+def _crash(data, rank: int = 0, world_size: int = 1):
+    for index, doc in enumerate(data):
+        if index == 3:
+            raise RuntimeError("simulated crash midway through the filters")
+        yield doc
+
+
+@pytest.mark.parametrize(
+    ("extra", "error", "match"),
+    [
+        (["--curate", "default", "--minhash-threshold", "1.5"], ValueError, r"--minhash-threshold=1\.5 must be in"),
+        (["--curate", "exact,languages"], ValueError, "'languages' is not one of"),
+        (["--curate", "language"], ValueError, "downloaded at run time"),
+        (["--decontaminate", "missing.jsonl"], FileNotFoundError, "--decontaminate missing.jsonl does not exist"),
+        (["--curate", "minhash", "--minhash-bands", "0"], ValueError, "--minhash-bands=0 must be >= 1"),
+        (["--curate", "default", "--executor", "slurm"], ValueError, "needs --slurm-partition"),
+    ],
+)
+def test_bad_curation_arguments_fail_before_work(tmp_path, extra, error, match, dedup_corpus, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", dedup_corpus[0][:20])
+    with pytest.raises(error, match=match):
+        main(["prepare-data", "--source", "text_files", "--paths", str(corpus), *extra, "--out", str(tmp_path / "o")])
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["corpus.jsonl"]
+
+
+def test_empty_corpus_fails_before_curation(tmp_path):
+    blank = write_jsonl(tmp_path / "blank.jsonl", [{"text": ""}, {"text": ""}])
+    cfg = DataConfig(source="text_files", paths=[str(blank)], vocab_size=300)
+    with pytest.raises(ValueError, match="no documents to curate"):
+        write_text_store(cfg, tmp_path / "out", curation=CurationConfig(stages=("exact",)))
+    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / ".out.curation").exists()
+
+
+def test_minhash_threshold_sets_rows():
+    assert MinhashSettings().lsh_threshold == pytest.approx((1 / 14) ** (1 / 8))
+    assert MinhashSettings(bands=20, threshold=0.8).rows == 13
+    assert MinhashSettings(threshold=0.72).rows == 8
