@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import random
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from hybridlm.data.curation import CurationConfig, MinhashSettings  # noqa: E402
 from hybridlm.data.store import read_header, write_text_store  # noqa: E402
 
 from helpers.launch import TINY_MODEL, read_metrics, train  # noqa: E402
+from helpers.slurm_cluster import SlurmCluster, SlurmUnavailable, ensure_slurm_installed  # noqa: E402
 
 STOP_WORDS = ["the", "be", "to", "of", "and", "that", "have", "with", "in", "a", "is", "for", "on", "it"]
 WORDS_PER_DOCUMENT = 200
@@ -279,6 +281,42 @@ def test_empty_corpus_fails_before_curation(tmp_path):
         write_text_store(cfg, tmp_path / "out", curation=CurationConfig(stages=("exact",)))
     assert not (tmp_path / "out").exists()
     assert not (tmp_path / ".out.curation").exists()
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    try:
+        ensure_slurm_installed()
+        cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"), cpus=4).start()
+    except SlurmUnavailable as err:
+        if os.geteuid() == 0:  # CI: root can install and start Slurm, so not having one is a failure
+            pytest.fail(f"no Slurm cluster although running as root: {err}")
+        pytest.skip(f"no Slurm cluster (not root): {err}")
+    yield cluster
+    cluster.stop()
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_slurm_executor_matches_local(tmp_path, dedup_corpus, slurm, monkeypatch):
+    """Every stage kind (per-task, single-task, one task per band) as Slurm job arrays on the real cluster."""
+    records = dedup_corpus[0][:200]
+    # 4 bands x 4 rows: fewer band tasks keep the job array short; the equality is what is tested.
+    settings = dict(stages=("exact", "minhash", "gopher_quality"), minhash=MinhashSettings(bands=4, rows=4), tasks=2)
+    local, local_header = curate(tmp_path, records, CurationConfig(**settings), name="local")
+    for key, value in slurm.env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    on_slurm, header = curate(tmp_path, records, CurationConfig(**settings, executor="slurm", slurm_partition="debug",
+                                                               slurm_time="00:10:00", slurm_mem_per_cpu_gb=1),
+                              name="slurm")  # fmt: skip
+    assert header["content_sha256"] == local_header["content_sha256"]
+    for stage in ("exact", "minhash", "gopher_quality"):
+        assert sorted(removed_keys(on_slurm, stage, records)) == sorted(removed_keys(local, stage, records)), stage
+    assert len(removed_keys(on_slurm, "minhash", records)) > 0
+    local_report = json.loads((local / "curation" / "report.json").read_text())
+    slurm_report = json.loads((on_slurm / "curation" / "report.json").read_text())
+    assert slurm_report["stages"] == local_report["stages"]
 
 
 def test_minhash_threshold_sets_rows():

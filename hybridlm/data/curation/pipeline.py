@@ -188,7 +188,6 @@ def _run_on_slurm(curation: CurationConfig, work: Path, pipelines: list) -> None
     """One job array per pipeline, each depending on the previous (datatrove's `depends`); then wait for them."""
     from datatrove.executor import SlurmPipelineExecutor
 
-    activate = Path(sys.prefix) / "bin" / "activate"
     previous = None
     executors = []
     for name, steps, tasks in pipelines:
@@ -196,7 +195,8 @@ def _run_on_slurm(curation: CurationConfig, work: Path, pipelines: list) -> None
             steps, tasks=tasks, time=curation.slurm_time, partition=curation.slurm_partition,
             cpus_per_task=curation.slurm_cpus_per_task, mem_per_cpu_gb=curation.slurm_mem_per_cpu_gb,
             job_name=f"curate-{name}", qos="", logging_dir=str(work / "logs" / name), depends=previous,
-            venv_path=str(activate) if activate.is_file() and sys.prefix != sys.base_prefix else None,
+            # The jobs run datatrove's launch_pickled_pipeline from the environment running prepare-data.
+            env_command=f'export PATH="{Path(sys.executable).parent}:$PATH"',
         )  # fmt: skip
         executors.append((name, tasks, previous))
     previous.run()  # launches the whole chain
@@ -204,11 +204,14 @@ def _run_on_slurm(curation: CurationConfig, work: Path, pipelines: list) -> None
     log.info("curation: submitted Slurm jobs %s; waiting", ", ".join(job_ids) or "(none: all tasks done)")
     last_name, last_tasks, _ = executors[-1]
     while not _completed(work / "logs" / last_name, last_tasks):
-        queued = subprocess.run(["squeue", "--noheader", "--format=%i", "--jobs", ",".join(job_ids)],
-                                capture_output=True, text=True).stdout.split()  # fmt: skip
-        if job_ids and not queued and not _completed(work / "logs" / last_name, last_tasks):
+        queue = subprocess.run(["squeue", "--noheader", "--format=%i %r", "--jobs", ",".join(job_ids)],
+                               capture_output=True, text=True).stdout.splitlines()  # fmt: skip
+        # A failed job leaves the next one pending for good (afterok), with this reason.
+        stuck = [line.split()[0] for line in queue if "DependencyNeverSatisfied" in line]
+        if stuck or (job_ids and not queue and not _completed(work / "logs" / last_name, last_tasks)):
+            subprocess.run(["scancel", *stuck], capture_output=True)
             raise RuntimeError(
-                f"curation Slurm jobs {job_ids} left the queue before finishing; see their logs under "
+                f"curation Slurm jobs {job_ids} stopped before finishing; see their logs under "
                 f"{work / 'logs'}/*/slurm_logs and rerun to resume"
             )
         time.sleep(SLURM_POLL_S)
