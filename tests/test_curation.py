@@ -162,7 +162,8 @@ def test_quality_filters_remove_planted_junk_and_keep_prose_and_code(tmp_path):
     records = good + junk
     rng.shuffle(records)
     store, _ = curate(tmp_path, records, CurationConfig(stages=("gopher_repetition", "gopher_quality", "c4")))
-    removed = {key for stage in ("gopher_repetition", "gopher_quality", "c4") for key in removed_keys(store, stage, records)}
+    stages = ("gopher_repetition", "gopher_quality", "c4")
+    removed = {key for stage in stages for key in removed_keys(store, stage, records)}
     junk_keys = {record["key"] for record in junk}
     print(f"MEASURED quality filters: {len(removed & junk_keys)}/{len(junk_keys)} planted junk removed, "
           f"{len(removed - junk_keys)}/{len(good)} good documents removed")
@@ -172,6 +173,14 @@ def test_quality_filters_remove_planted_junk_and_keep_prose_and_code(tmp_path):
     assert {"dup_line_frac", "lorem_ipsum"} <= rules
     assert all(len(examples) <= 3 for entry in report["stages"] for examples in entry["examples"].values())
     assert report["stages"][0]["code_documents_passed"] == 10
+
+    # Each rule is configurable: with C4's lorem-ipsum rule off (and the others as before) those pages stay.
+    curation = CurationConfig(stages=("gopher_repetition", "gopher_quality", "c4"))
+    curation.set_option("c4.filter_lorem_ipsum=false")
+    store, header = curate(tmp_path, records, curation, name="lorem_kept")
+    removed = {key for stage in stages for key in removed_keys(store, stage, records)}
+    assert removed == {key for key in junk_keys if not key.startswith("lorem-")}
+    assert header["curation"]["c4"]["filter_lorem_ipsum"] is False
 
 
 def test_decontamination_removes_eval_overlap_and_keeps_neighbours(tmp_path):
@@ -264,6 +273,10 @@ def _crash(data, rank: int = 0, world_size: int = 1):
         (["--decontaminate", "missing.jsonl"], FileNotFoundError, "--decontaminate missing.jsonl does not exist"),
         (["--curate", "minhash", "--minhash-bands", "0"], ValueError, "--minhash-bands=0 must be >= 1"),
         (["--curate", "default", "--executor", "slurm"], ValueError, "needs --slurm-partition"),
+        (["--curate", "default", "--curate-option", "gopher_repetition.dup_line_frac=1.5"], ValueError,
+         r"gopher_repetition.dup_line_frac=1\.5 must be a fraction"),
+        (["--curate", "default", "--curate-option", "gopher_quality.min_words=3"], ValueError,
+         "gopher_quality has no setting 'min_words'"),
     ],
 )
 def test_bad_curation_arguments_fail_before_work(tmp_path, extra, error, match, dedup_corpus, monkeypatch):

@@ -46,6 +46,9 @@ def _add_curation_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--curate", default="none", metavar="STAGES",
                        help=f"none (default: tokenise as given), default (exact,minhash,gopher_repetition,"
                             f"gopher_quality,c4) or a comma list of {','.join(STAGES)}")  # fmt: skip
+    group.add_argument("--curate-option", action="append", default=[], metavar="STAGE.NAME=VALUE",
+                       help="a Gopher/C4 setting, e.g. gopher_quality.min_doc_words=20, c4.filter_curly_bracket=false, "
+                            "gopher_repetition.dup_line_frac=null (off); repeatable")  # fmt: skip
     group.add_argument("--decontaminate", nargs="+", default=[], metavar="PATH",
                        help="eval sets (.jsonl / .txt): drop training documents sharing an n-gram window with them")
     group.add_argument("--decontaminate-field", default=defaults.decontaminate_field, help="text field of .jsonl")
@@ -70,7 +73,7 @@ def curation_config(args: argparse.Namespace):
 
     if args.minhash_threshold is not None and args.minhash_rows != MinhashSettings.rows:
         raise ValueError("give --minhash-threshold or --minhash-rows, not both (the threshold sets the rows)")
-    return CurationConfig(
+    curation = CurationConfig(
         stages=parse_stages(args.curate),
         minhash=MinhashSettings(ngram=args.minhash_ngram, bands=args.minhash_bands, rows=args.minhash_rows,
                                 threshold=args.minhash_threshold),  # fmt: skip
@@ -85,6 +88,9 @@ def curation_config(args: argparse.Namespace):
         slurm_cpus_per_task=args.slurm_cpus_per_task,
         slurm_mem_per_cpu_gb=args.slurm_mem_per_cpu_gb,
     )
+    for assignment in args.curate_option:
+        curation.set_option(assignment)
+    return curation
 
 
 def _prepare_data_command(args: argparse.Namespace) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,6 +17,9 @@ NEEDS_DOWNLOAD = {
     "badwords": "the LDNOOBW bad-words lists",
     "perplexity": "a KenLM model",
 }
+
+
+FILTER_SETTINGS = ("gopher_repetition", "gopher_quality", "c4")
 
 
 def parse_stages(spec: str) -> tuple[str, ...]:
@@ -179,6 +183,29 @@ class CurationConfig:
         for name in ("tasks", "workers", "slurm_cpus_per_task", "slurm_mem_per_cpu_gb"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')}={getattr(self, name)} must be >= 1")
+
+    def set_option(self, assignment: str) -> None:
+        """Apply `--curate-option STAGE.NAME=VALUE` to a filter's settings (VALUE as JSON; null turns a rule off)."""
+        target, _, raw = assignment.partition("=")
+        stage, _, name = target.partition(".")
+        if not raw or stage not in FILTER_SETTINGS:
+            raise ValueError(
+                f"--curate-option {assignment!r}: write STAGE.NAME=VALUE with STAGE one of {', '.join(FILTER_SETTINGS)}"
+            )
+        settings = getattr(self, stage)
+        if name not in vars(settings):
+            raise ValueError(
+                f"--curate-option {assignment!r}: {stage} has no setting {name!r}; it has {list(vars(settings))}"
+            )
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            raise ValueError(
+                f"--curate-option {assignment!r}: {raw!r} is not a JSON value (true, 0.3, null, ...)"
+            ) from None
+        if isinstance(value, list):  # n-gram rules: [[n, fraction], ...]
+            value = tuple(tuple(item) if isinstance(item, list) else item for item in value)
+        setattr(self, stage, type(settings)(**{**vars(settings), name: value}))  # re-validated
 
     @property
     def enabled(self) -> bool:

@@ -136,12 +136,13 @@ def build_pipelines(curation: CurationConfig, work: Path) -> list[tuple[str, lis
         config = MinhashConfig(n_grams=settings.ngram, num_buckets=settings.bands, hashes_per_bucket=settings.rows,
                                seed=settings.seed)  # fmt: skip
         minhash = work / "minhash"
-        pipelines.append(("minhash_signatures", [*steps, JsonlWriter(str(work / "after_exact")),
-                                                 MinhashDedupSignature(str(minhash / "sigs"), config)], tasks))  # fmt: skip
-        pipelines.append(("minhash_buckets", [MinhashDedupBuckets(str(minhash / "sigs"), str(minhash / "buckets"),
-                                                                  config=config)], settings.bands))  # fmt: skip
-        pipelines.append(("minhash_cluster", [MinhashDedupCluster(str(minhash / "buckets"), str(minhash / "remove"),
-                                                                  config=config, save_cluster_size=True)], 1))  # fmt: skip
+        signatures = MinhashDedupSignature(str(minhash / "sigs"), config)
+        buckets = MinhashDedupBuckets(str(minhash / "sigs"), str(minhash / "buckets"), config=config)
+        clusters = MinhashDedupCluster(str(minhash / "buckets"), str(minhash / "remove"), config=config,
+                                       save_cluster_size=True)  # fmt: skip
+        pipelines.append(("minhash_signatures", [*steps, JsonlWriter(str(work / "after_exact")), signatures], tasks))
+        pipelines.append(("minhash_buckets", [buckets], settings.bands))  # one task per band (datatrove's layout)
+        pipelines.append(("minhash_cluster", [clusters], 1))
         steps = [ShardReader(work / "after_exact", "minhash dedup"),
                  MinhashDedupFilter(str(minhash / "remove"), exclusion_writer=removed("minhash"),
                                     load_cluster_sizes=True),

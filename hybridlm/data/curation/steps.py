@@ -41,7 +41,8 @@ def exact_dedup_key(doc: Document) -> str:
 def looks_like_code(text: str) -> bool:
     """At least CODE_MIN_LINES non-blank lines, half of them reading as source code (see _CODE_LINE)."""
     lines = [line for line in text.splitlines() if line.strip()]
-    return len(lines) >= CODE_MIN_LINES and sum(bool(_CODE_LINE.search(line)) for line in lines) >= CODE_LINE_FRACTION * len(lines)
+    code_lines = sum(bool(_CODE_LINE.search(line)) for line in lines)
+    return len(lines) >= CODE_MIN_LINES and code_lines >= CODE_LINE_FRACTION * len(lines)
 
 
 def words(text: str) -> list[str]:
