@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import random
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,7 +23,7 @@ from hybridlm.data.curation import CurationConfig, MinhashSettings  # noqa: E402
 from hybridlm.data.store import read_header, write_text_store  # noqa: E402
 
 from helpers.launch import TINY_MODEL, read_metrics, train  # noqa: E402
-from helpers.slurm_cluster import SlurmCluster, SlurmUnavailable, ensure_slurm_installed  # noqa: E402
+from helpers.slurm_cluster import start_test_cluster  # noqa: E402
 
 STOP_WORDS = ["the", "be", "to", "of", "and", "that", "have", "with", "in", "a", "is", "for", "on", "it"]
 WORDS_PER_DOCUMENT = 200
@@ -298,13 +298,7 @@ def test_empty_corpus_fails_before_curation(tmp_path):
 
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory):
-    try:
-        ensure_slurm_installed()
-        cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"), cpus=4).start()
-    except SlurmUnavailable as err:
-        if os.geteuid() == 0:  # CI: root can install and start Slurm, so not having one is a failure
-            pytest.fail(f"no Slurm cluster although running as root: {err}")
-        pytest.skip(f"no Slurm cluster (not root): {err}")
+    cluster = start_test_cluster(tmp_path_factory.mktemp("slurm"), cpus=4)
     yield cluster
     cluster.stop()
 
@@ -330,6 +324,14 @@ def test_slurm_executor_matches_local(tmp_path, dedup_corpus, slurm, monkeypatch
     local_report = json.loads((local / "curation" / "report.json").read_text())
     slurm_report = json.loads((on_slurm / "curation" / "report.json").read_text())
     assert slurm_report["stages"] == local_report["stages"]
+
+
+def test_missing_datatrove_names_the_extra(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "datatrove", None)
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"text": "one document"}])
+    cfg = DataConfig(source="text_files", paths=[str(corpus)], vocab_size=300)
+    with pytest.raises(ImportError, match=r"pip install 'hybridlm\[curation\]'"):
+        write_text_store(cfg, tmp_path / "out", curation=CurationConfig(stages=("exact",)))
 
 
 def test_minhash_threshold_sets_rows():

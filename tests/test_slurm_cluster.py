@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from helpers.launch import tiny_run
-from helpers.slurm_cluster import SlurmCluster, SlurmUnavailable, ensure_slurm_installed
+from helpers.slurm_cluster import SlurmCluster, start_test_cluster
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -40,14 +40,8 @@ JOB_TIMEOUT_S = 300
 
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory):
-    try:
-        ensure_slurm_installed()
-        # 8 CPUs declared on this 2-core machine: the two sweep jobs (2 ranks x 2 CPUs each) run side by side.
-        cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"), cpus=8).start()
-    except SlurmUnavailable as err:
-        if os.geteuid() == 0:  # CI: root can install and start Slurm, so not having one is a failure
-            pytest.fail(f"no Slurm cluster although running as root: {err}")
-        pytest.skip(f"no Slurm cluster (not root): {err}")
+    # 8 CPUs declared on this 2-core machine: the two sweep jobs (2 ranks x 2 CPUs each) run side by side.
+    cluster = start_test_cluster(tmp_path_factory.mktemp("slurm"), cpus=8)
     # Jobs run `python` from the venv running the tests, one thread per rank (ranks outnumber cores here).
     cluster.env["PATH"] = f"{Path(sys.executable).parent}:{cluster.env['PATH']}"
     # SLURM_EXACT: a job step gets only the CPUs it asks for (as under the task binding of real clusters), so its

@@ -45,6 +45,20 @@ def ensure_slurm_installed(timeout_s: float = 300) -> None:
         raise SlurmUnavailable(f"installed {SLURM_PACKAGES} but {missing} are still not on PATH")
 
 
+def start_test_cluster(root: Path, cpus: int | None = None) -> SlurmCluster:
+    """A started cluster for a test fixture: as root (CI) a Slurm that cannot be installed or started fails the test,
+    otherwise it skips with the reason."""
+    import pytest
+
+    try:
+        ensure_slurm_installed()
+        return SlurmCluster(root, cpus=cpus).start()
+    except SlurmUnavailable as err:
+        if os.geteuid() == 0:
+            pytest.fail(f"no Slurm cluster although running as root: {err}")
+        pytest.skip(f"no Slurm cluster (not root): {err}")
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
