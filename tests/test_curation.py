@@ -334,6 +334,23 @@ def test_missing_datatrove_names_the_extra(tmp_path, monkeypatch):
         write_text_store(cfg, tmp_path / "out", curation=CurationConfig(stages=("exact",)))
 
 
+@pytest.mark.parametrize(
+    ("text", "code"),
+    [
+        ("import sys\nfrom .main import main\n\nsys.exit(main())\n", True),
+        ("# Fodder for a test\n\ndummy_name = True\n", True),
+        ("def f(x):\n    return x\n", True),
+        ("# deals #tag $$ sale ### today\n", False),  # hashtag spam: comment-like lines decide nothing
+        ("The cat sat on the mat.\nIt was a fine day, all told.\n", False),
+        ("Menu\nHome\nLogin\n", False),
+    ],
+)
+def test_looks_like_code(text, code):
+    from hybridlm.data.curation.steps import looks_like_code
+
+    assert looks_like_code(text) is code
+
+
 def test_minhash_threshold_sets_rows():
     assert MinhashSettings().lsh_threshold == pytest.approx((1 / 14) ** (1 / 8))
     assert MinhashSettings(bands=20, threshold=0.8).rows == 13

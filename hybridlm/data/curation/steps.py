@@ -17,11 +17,14 @@ from datatrove.pipeline.filters.base_filter import BaseFilter
 
 _WHITESPACE = re.compile(r"\s+")
 _WORD = re.compile(r"\w+")
-# A line that reads as source code: indented, a comment, or ending in a bracket, colon, comma, semicolon or
-# backslash (prose lines end in words or sentence punctuation).
-_CODE_LINE = re.compile(r"^(?:[ \t]+\S|#|//)|[:;,{}()\[\]\\]\s*$")
+# A line that reads as source code: indented, an assignment, starting with an import / definition / decorator, or
+# ending in a bracket, colon, comma, semicolon or backslash (prose lines end in words or sentence punctuation).
+# Comment lines count for neither side, so hashtag spam ('# deals #tag ...') stays prose.
+_CODE_LINE = re.compile(
+    r"^(?:[ \t]+\S|(?:import|from|def|class|return|raise)\s|@\w|[\w.\[\]]+\s*[-+*/|&]?=\s)|[:;,{}()\[\]\\]\s*$"
+)
+_COMMENT_LINE = re.compile(r"^(?:#|//)")
 CODE_LINE_FRACTION = 0.5
-CODE_MIN_LINES = 3  # a one- or two-line document is judged as prose (hashtag spam starts with '#')
 
 
 def shard_name(rank: int) -> str:
@@ -39,10 +42,10 @@ def exact_dedup_key(doc: Document) -> str:
 
 
 def looks_like_code(text: str) -> bool:
-    """At least CODE_MIN_LINES non-blank lines, half of them reading as source code (see _CODE_LINE)."""
-    lines = [line for line in text.splitlines() if line.strip()]
+    """At least half of the non-blank, non-comment lines read as source code (see _CODE_LINE)."""
+    lines = [line for line in text.splitlines() if line.strip() and not _COMMENT_LINE.match(line)]
     code_lines = sum(bool(_CODE_LINE.search(line)) for line in lines)
-    return len(lines) >= CODE_MIN_LINES and code_lines >= CODE_LINE_FRACTION * len(lines)
+    return code_lines > 0 and code_lines >= CODE_LINE_FRACTION * len(lines)
 
 
 def words(text: str) -> list[str]:
