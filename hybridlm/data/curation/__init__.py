@@ -45,12 +45,12 @@ class Curation:
                          "curation": curation.settings(), "tasks": curation.tasks}  # fmt: skip
 
     def run(self) -> None:
-        from hybridlm.data.curation.pipeline import materialise_input, prepare_work_dir, read_input, run_pipelines
+        from hybridlm.data.curation.pipeline import count_input, materialise_input, prepare_work_dir, run_pipelines
         from hybridlm.data.sources import iter_documents
 
-        texts = read_input(iter_documents(self.cfg, self.files))  # a bad or empty source fails before any work
+        count = count_input(iter_documents(self.cfg, self.files))  # a bad or empty source fails before any work
         prepare_work_dir(self.work, self.identity)
-        materialise_input(texts, self.work / "input", self.curation.tasks)
+        materialise_input(iter_documents(self.cfg, self.files), count, self.work / "input", self.curation.tasks)
         run_pipelines(self.curation, self.work)
 
     def documents(self) -> Iterator[str]:

@@ -71,28 +71,32 @@ def prepare_work_dir(work_dir: Path, identity: dict) -> None:
     settings.write_text(json.dumps(identity, indent=2, sort_keys=True))
 
 
-def read_input(documents: Iterator[str]) -> list[str]:
-    texts = [normalise_text(text) for text in documents]
-    if not texts:
+def count_input(documents: Iterator[str]) -> int:
+    """A first pass over the source: a bad file or an empty source fails here, before any work."""
+    count = sum(1 for _ in documents)
+    if not count:
         raise ValueError("the source gives no documents to curate; check --paths / --max-documents")
-    return texts
+    return count
 
 
-def materialise_input(texts: list[str], folder: Path, tasks: int) -> None:
-    """Write the documents into `tasks` shards of contiguous runs (so the output keeps source order), tagging each
-    as code or prose; the folder appears atomically, so a rerun never reads a partial one."""
+def materialise_input(documents: Iterator[str], count: int, folder: Path, tasks: int) -> None:
+    """Stream the `count` documents into `tasks` shards of contiguous runs (so the output keeps source order),
+    normalised and tagged as code or prose; the folder appears atomically, so a rerun never reads a partial one."""
     if folder.is_dir():
         return
     partial = folder.with_name(folder.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    per_task = -(-len(texts) // tasks)
-    for rank in range(tasks):
-        with gzip.open(partial / shard_name(rank), "wt", encoding="utf-8") as handle:
-            for index in range(rank * per_task, min(len(texts), (rank + 1) * per_task)):
-                text = texts[index]
-                metadata = {"kind": "code" if looks_like_code(text) else "prose"}
-                handle.write(json.dumps({"text": text, "id": str(index), "metadata": metadata}) + "\n")
+    per_task = -(-count // tasks)
+    handles = [gzip.open(partial / shard_name(rank), "wt", encoding="utf-8") for rank in range(tasks)]
+    try:
+        for index, text in enumerate(documents):
+            text = normalise_text(text)
+            metadata = {"kind": "code" if looks_like_code(text) else "prose"}
+            handles[index // per_task].write(json.dumps({"text": text, "id": str(index), "metadata": metadata}) + "\n")
+    finally:
+        for handle in handles:
+            handle.close()
     partial.rename(folder)
 
 

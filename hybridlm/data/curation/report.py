@@ -13,6 +13,7 @@ from hybridlm.data.curation.config import STAGES, CurationConfig
 from hybridlm.data.curation.pipeline import removed_documents
 
 EXAMPLE_CHARS = 300
+ENCODE_BATCH = 512
 
 
 def _tally(work: Path, stage: str) -> dict:
@@ -44,23 +45,31 @@ def build_report(curation: CurationConfig, work: Path, encode_lengths, eval_coun
                                                         "code_documents": before["code_documents"]}}  # fmt: skip
     for stage in (stage for stage in STAGES if stage in curation.stages):
         after = _tally(work, stage)
-        removed = list(removed_documents(work, stage))
-        reasons = Counter(doc["metadata"].get("filter_reason", "duplicate") for doc in removed)
-        examples: dict[str, list] = {}
-        for doc in removed:
+        # One streaming pass over the removed documents: counts by rule, examples, tokens (batched), eval items hit.
+        reasons, eval_items, examples = Counter(), Counter(), {}
+        tokens_removed, batch = 0, []
+        for doc in removed_documents(work, stage):
             reason = doc["metadata"].get("filter_reason", "duplicate")
+            reasons[reason] += 1
+            if "eval_item" in doc["metadata"]:
+                eval_items[doc["metadata"]["eval_item"]] += 1
             if len(examples.setdefault(reason, [])) < curation.examples_per_rule:
                 example = {"id": doc["id"], "text": doc["text"][:EXAMPLE_CHARS]}
                 if "eval_item" in doc["metadata"]:
                     example.update(eval_item=doc["metadata"]["eval_item"], ngram=doc["metadata"]["eval_ngram"])
                 examples[reason].append(example)
+            batch.append(doc["text"])
+            if len(batch) == ENCODE_BATCH:
+                tokens_removed += sum(encode_lengths(batch))
+                batch.clear()
+        tokens_removed += sum(encode_lengths(batch))
         entry = {
             "stage": stage,
             "documents_in": before["documents"],
             "documents_out": after["documents"],
             "chars_in": before["chars"],
             "chars_out": after["chars"],
-            "tokens_removed": int(sum(encode_lengths([doc["text"] for doc in removed]))),
+            "tokens_removed": int(tokens_removed),
             "removed_by_rule": dict(reasons.most_common()),
             "examples": examples,
         }
@@ -69,7 +78,7 @@ def build_report(curation: CurationConfig, work: Path, encode_lengths, eval_coun
         if stage in ("gopher_repetition", "gopher_quality", "c4"):
             entry["code_documents_passed"] = before["code_documents"]
         if stage == "decontaminate":
-            entry["eval_items_matched"] = dict(Counter(doc["metadata"]["eval_item"] for doc in removed).most_common())
+            entry["eval_items_matched"] = dict(eval_items.most_common())
             entry.update(eval_counts)
         stages.append(entry)
         before = after
