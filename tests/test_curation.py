@@ -129,6 +129,14 @@ def test_exact_and_minhash_dedup_rates(tmp_path, dedup_corpus):
     assert stages["exact"]["cluster_sizes"] == {"2": len(plan["exact"])}
     assert sum(int(size) * count for size, count in stages["minhash"]["cluster_sizes"].items()) >= 2 * len(minhash)
     assert stages["minhash"]["tokens_removed"] > 0
+    # Tokens per stage, counted back from the store, add up to the input's tokens under the store's tokenizer.
+    from hybridlm.data.tokenizer import encode_documents, load_tokenizer
+
+    input_tokens = sum(len(ids) for ids in encode_documents(load_tokenizer(str(store)), [r["text"] for r in records]))
+    assert report["input"]["tokens"] == stages["exact"]["tokens_in"] == input_tokens
+    assert stages["exact"]["tokens_out"] == stages["minhash"]["tokens_in"]
+    train_tokens = header["splits"]["train"]["num_tokens"] + header["splits"]["val"]["num_tokens"]
+    assert stages["minhash"]["tokens_out"] == report["output"]["tokens"] == train_tokens
     assert (store / "curation" / "funnel.png").stat().st_size > 0
     assert header["curation"]["stages"] == ["exact", "minhash"]
     assert header["curation"]["minhash"]["lsh_threshold"] == pytest.approx(0.7192, abs=1e-3)
@@ -150,6 +158,8 @@ def test_quality_filters_remove_planted_junk_and_keep_prose_and_code(tmp_path):
     vocabulary = _vocabulary(rng)
     good = [{"text": as_text(prose(rng, vocabulary)), "key": f"prose-{i}"} for i in range(30)]
     good += [{"text": text, "key": f"code-{i}"} for i, text in enumerate(python_sources(10))]
+    trimmed = [{"text": as_text(prose(rng, vocabulary)) + "\nRead more", "key": f"trimmed-{i}"} for i in range(3)]
+    good += trimmed
     junk = []
     for i in range(5):
         banner = f"Subscribe to our newsletter for the best deals number {i} today!"
@@ -166,13 +176,18 @@ def test_quality_filters_remove_planted_junk_and_keep_prose_and_code(tmp_path):
     removed = {key for stage in stages for key in removed_keys(store, stage, records)}
     junk_keys = {record["key"] for record in junk}
     print(f"MEASURED quality filters: {len(removed & junk_keys)}/{len(junk_keys)} planted junk removed, "
-          f"{len(removed - junk_keys)}/{len(good)} good documents removed")
+          f"{len(removed - junk_keys)}/{len(good)} good documents removed")  # 20/20 and 0/43
     assert removed == junk_keys, (sorted(junk_keys - removed), sorted(removed - junk_keys))
     report = json.loads((store / "curation" / "report.json").read_text())
     rules = {rule for entry in report["stages"] for rule in entry["removed_by_rule"]}
     assert {"dup_line_frac", "lorem_ipsum"} <= rules
     assert all(len(examples) <= 3 for entry in report["stages"] for examples in entry["examples"].values())
     assert report["stages"][0]["code_documents_passed"] == 10
+    # C4 cut the 2-word line from the trimmed documents; removed/c4_trimmed keeps them as they were.
+    c4 = report["stages"][2]
+    assert c4["documents_trimmed"] == 3 and c4["tokens_trimmed"] > 0
+    assert sorted(removed_keys(store, "c4_trimmed", records)) == [record["key"] for record in trimmed]
+    assert c4["tokens_in"] == c4["tokens_out"] + c4["tokens_removed"] + c4["tokens_trimmed"]
 
     # Each rule is configurable: with C4's lorem-ipsum rule off (and the others as before) those pages stay.
     curation = CurationConfig(stages=("gopher_repetition", "gopher_quality", "c4"))

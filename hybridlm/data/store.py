@@ -190,6 +190,11 @@ class StoreWriter:
             if offsets[-1] >= self.shard_tokens:
                 self._close(split)
 
+    @property
+    def num_tokens(self) -> int:
+        """Tokens added so far, both splits."""
+        return sum(record["num_tokens"] for record in self._split.values())
+
     def finish(self, **header_fields) -> dict:
         for split in SPLITS:
             self._close(split)
@@ -293,7 +298,7 @@ def write_text_store(cfg: DataConfig, out_dir: Path, shard_tokens: int = DEFAULT
             val_fraction=cfg.val_fraction,
             tokenizer_sha256=tokenizer_sha256(tokenizer),
             source={**source_fingerprint(cfg, files), "max_documents": cfg.max_documents},
-            **({"curation": curated.publish_into(work_dir, tokenizer)} if curated else {}),
+            **({"curation": curated.publish_into(work_dir, tokenizer, writer.num_tokens)} if curated else {}),
         )
         for split in SPLITS:
             if header["splits"][split]["num_documents"] == 0:

@@ -58,15 +58,17 @@ class Curation:
 
         return curated_documents(self.work, self.curation.tasks)
 
-    def publish_into(self, store_dir: Path, tokenizer) -> dict:
+    def publish_into(self, store_dir: Path, tokenizer, output_tokens: int) -> dict:
         """Write the report (JSON, funnel plot) and move removed/ into `store_dir`/curation; print the table.
         Returns the header's `curation` entry (settings and counts per stage)."""
         from hybridlm.data.curation.report import build_report, format_table, plot_funnel
 
-        def encode_lengths(texts: list[str]) -> list[int]:
-            return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
+        from hybridlm.data.tokenizer import encode_documents
 
-        report = build_report(self.curation, self.work, encode_lengths, self.eval_counts)
+        def encode_lengths(texts: list[str]) -> list[int]:
+            return [len(ids) for ids in encode_documents(tokenizer, texts)] if texts else []
+
+        report = build_report(self.curation, self.work, encode_lengths, self.eval_counts, output_tokens)
         out = Path(store_dir) / "curation"
         out.mkdir()
         (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -74,7 +76,7 @@ class Curation:
         if (self.work / "removed").is_dir():
             shutil.copytree(self.work / "removed", out / "removed")  # the work dir stays whole until publish
         print(format_table(report))
-        counts = [{key: entry[key] for key in ("stage", "documents_in", "documents_out", "tokens_removed",
+        counts = [{key: entry[key] for key in ("stage", "documents_in", "documents_out", "tokens_in", "tokens_out",
                                                  "removed_by_rule")} for entry in report["stages"]]  # fmt: skip
         return {**report["settings"], "counts": counts, "report": "curation/report.json"}
 

@@ -5,7 +5,8 @@ Work directory layout (kept across interrupted runs, deleted once the store is p
   input/{rank}.jsonl.gz     the source's documents (normalised, capped by max_documents), one shard per task
   exact/, minhash/          datatrove's signature, bucket and cluster files
   after_exact/              documents kept by exact dedup (MinHash's signatures index these)
-  removed/{stage}/          documents each stage removed, with datatrove's `filter_reason` (exclusion writers)
+  removed/{stage}/          documents each stage removed, with datatrove's `filter_reason` (exclusion writers);
+                            removed/c4_trimmed/: documents C4 kept but cut lines from, as they were
   tally/{stage}/            documents and characters leaving each stage, per task
   curated/{rank}.jsonl.gz   what gets tokenised
   logs/{pipeline}/          datatrove's logs, stats and completion markers: finished tasks are skipped on a rerun
@@ -154,7 +155,7 @@ def build_pipelines(curation: CurationConfig, work: Path) -> list[tuple[str, lis
     filters = {
         "gopher_repetition": lambda: ProseOnly(GopherRepetitionFilter(**vars(curation.gopher_repetition))),
         "gopher_quality": lambda: ProseOnly(GopherQualityFilter(**vars(curation.gopher_quality))),
-        "c4": lambda: ProseOnly(C4QualityFilter(**vars(curation.c4))),
+        "c4": lambda: ProseOnly(C4QualityFilter(**vars(curation.c4)), trimmed_writer=removed("c4_trimmed")),
         "decontaminate": lambda: DecontaminationFilter(curation.decontaminate, curation.decontaminate_field,
                                                        curation.decontaminate_ngram),  # fmt: skip
     }

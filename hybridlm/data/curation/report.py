@@ -37,32 +37,48 @@ def _cluster_sizes(histogram: Counter, *, counts_copies: bool) -> dict:
     return {str(size): sizes[size] for size in sorted(sizes)}
 
 
-def build_report(curation: CurationConfig, work: Path, encode_lengths, eval_counts: dict) -> dict:
-    """`encode_lengths(texts) -> list[int]`: token counts under the store's tokenizer."""
+def _batched_token_count(texts, encode_lengths) -> int:
+    total, batch = 0, []
+    for text in texts:
+        batch.append(text)
+        if len(batch) == ENCODE_BATCH:
+            total += sum(encode_lengths(batch))
+            batch.clear()
+    return total + sum(encode_lengths(batch))
+
+
+def build_report(curation: CurationConfig, work: Path, encode_lengths, eval_counts: dict, output_tokens: int) -> dict:
+    """`encode_lengths(texts) -> list[int]`: token counts under the store's tokenizer; `output_tokens`: the store's.
+
+    Tokens per stage are counted back from the output: a stage's input is its output plus the tokens of the documents
+    it removed and of the lines it cut (C4; removed/c4_trimmed holds those documents as they were)."""
     stages = []
     before = _tally(work, "input")
     report = {"settings": curation.settings(), "input": {"documents": before["documents"], "chars": before["chars"],
                                                         "code_documents": before["code_documents"]}}  # fmt: skip
     for stage in (stage for stage in STAGES if stage in curation.stages):
         after = _tally(work, stage)
-        # One streaming pass over the removed documents: counts by rule, examples, tokens (batched), eval items hit.
+        # One streaming pass over the removed documents: counts by rule, examples, eval items hit; tokens batched.
         reasons, eval_items, examples = Counter(), Counter(), {}
-        tokens_removed, batch = 0, []
-        for doc in removed_documents(work, stage):
-            reason = doc["metadata"].get("filter_reason", "duplicate")
-            reasons[reason] += 1
-            if "eval_item" in doc["metadata"]:
-                eval_items[doc["metadata"]["eval_item"]] += 1
-            if len(examples.setdefault(reason, [])) < curation.examples_per_rule:
-                example = {"id": doc["id"], "text": doc["text"][:EXAMPLE_CHARS]}
+
+        def removed_texts():
+            for doc in removed_documents(work, stage):
+                reason = doc["metadata"].get("filter_reason", "duplicate")
+                reasons[reason] += 1
                 if "eval_item" in doc["metadata"]:
-                    example.update(eval_item=doc["metadata"]["eval_item"], ngram=doc["metadata"]["eval_ngram"])
-                examples[reason].append(example)
-            batch.append(doc["text"])
-            if len(batch) == ENCODE_BATCH:
-                tokens_removed += sum(encode_lengths(batch))
-                batch.clear()
-        tokens_removed += sum(encode_lengths(batch))
+                    eval_items[doc["metadata"]["eval_item"]] += 1
+                if len(examples.setdefault(reason, [])) < curation.examples_per_rule:
+                    example = {"id": doc["id"], "text": doc["text"][:EXAMPLE_CHARS]}
+                    if "eval_item" in doc["metadata"]:
+                        example.update(eval_item=doc["metadata"]["eval_item"], ngram=doc["metadata"]["eval_ngram"])
+                    examples[reason].append(example)
+                yield doc["text"]
+
+        tokens_removed = _batched_token_count(removed_texts(), encode_lengths)
+        trimmed = list(removed_documents(work, f"{stage}_trimmed")) if stage == "c4" else []
+        tokens_trimmed = _batched_token_count((doc["text"] for doc in trimmed), encode_lengths) - _batched_token_count(
+            (doc["metadata"]["trimmed_text"] for doc in trimmed), encode_lengths
+        )
         entry = {
             "stage": stage,
             "documents_in": before["documents"],
@@ -70,6 +86,8 @@ def build_report(curation: CurationConfig, work: Path, encode_lengths, eval_coun
             "chars_in": before["chars"],
             "chars_out": after["chars"],
             "tokens_removed": int(tokens_removed),
+            "tokens_trimmed": int(tokens_trimmed),
+            "documents_trimmed": len(trimmed),
             "removed_by_rule": dict(reasons.most_common()),
             "examples": examples,
         }
@@ -82,24 +100,32 @@ def build_report(curation: CurationConfig, work: Path, encode_lengths, eval_coun
             entry.update(eval_counts)
         stages.append(entry)
         before = after
+    tokens = output_tokens
+    for entry in reversed(stages):
+        entry["tokens_out"] = tokens
+        tokens += entry["tokens_removed"] + entry["tokens_trimmed"]
+        entry["tokens_in"] = tokens
+    report["input"]["tokens"] = tokens
     report["stages"] = stages
-    report["output"] = {"documents": before["documents"], "chars": before["chars"]}
+    report["output"] = {"documents": before["documents"], "chars": before["chars"], "tokens": output_tokens}
     return report
 
 
 def format_table(report: dict) -> str:
-    rows = [("stage", "docs in", "docs out", "removed", "chars out", "tokens removed", "top rules")]
+    rows = [("stage", "docs in", "docs out", "removed", "tokens in", "tokens out", "top rules")]
     for entry in report["stages"]:
         rules = ", ".join(f"{rule} {count}" for rule, count in list(entry["removed_by_rule"].items())[:3])
+        if entry["documents_trimmed"]:
+            rules += f"{', ' if rules else ''}{entry['documents_trimmed']} trimmed"
         rows.append((entry["stage"], str(entry["documents_in"]), str(entry["documents_out"]),
-                     str(entry["documents_in"] - entry["documents_out"]), str(entry["chars_out"]),
-                     str(entry["tokens_removed"]), rules or "-"))  # fmt: skip
+                     str(entry["documents_in"] - entry["documents_out"]), str(entry["tokens_in"]),
+                     str(entry["tokens_out"]), rules or "-"))  # fmt: skip
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
 
 
 def plot_funnel(report: dict, path: Path) -> None:
-    """Documents and characters left after each stage, as a share of the input."""
+    """Documents and tokens left after each stage, as a share of the input."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -107,12 +133,12 @@ def plot_funnel(report: dict, path: Path) -> None:
 
     labels = ["input"] + [entry["stage"] for entry in report["stages"]]
     documents = [report["input"]["documents"]] + [entry["documents_out"] for entry in report["stages"]]
-    chars = [report["input"]["chars"]] + [entry["chars_out"] for entry in report["stages"]]
+    tokens = [report["input"]["tokens"]] + [entry["tokens_out"] for entry in report["stages"]]
     figure, axis = plt.subplots(figsize=(1.4 * len(labels) + 2, 4))
     positions = range(len(labels))
     axis.bar([p - 0.2 for p in positions], [100 * d / max(1, documents[0]) for d in documents], 0.4,
              label="documents")  # fmt: skip
-    axis.bar([p + 0.2 for p in positions], [100 * c / max(1, chars[0]) for c in chars], 0.4, label="characters")
+    axis.bar([p + 0.2 for p in positions], [100 * t / max(1, tokens[0]) for t in tokens], 0.4, label="tokens")
     for position, count in zip(positions, documents):
         axis.annotate(str(count), (position - 0.2, 100 * count / max(1, documents[0])), ha="center", va="bottom",
                       fontsize=8)  # fmt: skip

@@ -3,6 +3,7 @@ n-gram decontamination. They are pickled into Slurm jobs, so they hold only plai
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import re
@@ -110,18 +111,36 @@ class StageTally(PipelineStep):
 
 class ProseOnly(BaseFilter):
     """Applies a prose filter (Gopher, C4: rules written for web text) to prose and passes source code through:
-    on the Python standard library they drop most modules (curly brackets, non-alphabetic tokens, repeated lines)."""
+    on the Python standard library they drop most modules (curly brackets, non-alphabetic tokens, repeated lines).
 
-    def __init__(self, inner: BaseFilter, exclusion_writer=None):
+    A kept document whose text the filter trimmed (C4 drops lines) goes to `trimmed_writer` as it was, with the
+    trimmed text in metadata `trimmed_text`, so nothing is lost and the report can count the trimmed tokens."""
+
+    def __init__(self, inner: BaseFilter, exclusion_writer=None, trimmed_writer=None):
         super().__init__(exclusion_writer)
         self.inner = inner
         self.name = inner.name
+        self.trimmed_writer = trimmed_writer
 
     def filter(self, doc: Document) -> bool | tuple[bool, str]:
         if doc.metadata.get("kind") == "code":
             self.stat_update("code_passed")
             return True
-        return self.inner.filter(doc)
+        original = doc.text
+        result = self.inner.filter(doc)
+        if doc.text != original:
+            doc.metadata["_untrimmed"] = original
+        return result
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        with self.trimmed_writer if self.trimmed_writer else contextlib.nullcontext() as trimmed:
+            for doc in super().run(data, rank, world_size):
+                original = doc.metadata.pop("_untrimmed", None)
+                if original is not None and trimmed:
+                    self.stat_update("trimmed")
+                    trimmed.write(Document(text=original, id=doc.id,
+                                           metadata={**doc.metadata, "trimmed_text": doc.text}), rank)  # fmt: skip
+                yield doc
 
 
 class DecontaminationFilter(BaseFilter):
