@@ -7,15 +7,12 @@ decontamination -> (tokenise, in store.py). Only components that need no downloa
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 from hybridlm.data.config import DataConfig
 from hybridlm.data.curation.config import CurationConfig, MinhashSettings, parse_stages
-
-log = logging.getLogger(__name__)
 
 __all__ = ["Curation", "CurationConfig", "MinhashSettings", "parse_stages"]
 

@@ -24,7 +24,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from hybridlm.data.config import DataConfig
 from hybridlm.data.curation.config import CurationConfig
 from hybridlm.data.curation.steps import (
     DecontaminationFilter,
