@@ -250,7 +250,8 @@ def test_interrupted_curation_resumes_to_the_same_store(tmp_path, dedup_corpus, 
 
     records = dedup_corpus[0][:150]
     curation = CurationConfig(stages=("exact", "minhash", "gopher_quality"), tasks=2)
-    clean, clean_header = curate(tmp_path, records, curation, name="clean")
+    # The clean run runs its tasks side by side (datatrove's process pool), the interrupted one in turn.
+    clean, clean_header = curate(tmp_path, records, CurationConfig(**{**vars(curation), "workers": 2}), name="clean")
 
     build = pipeline.build_pipelines
 
@@ -347,6 +348,19 @@ def test_missing_datatrove_names_the_extra(tmp_path, monkeypatch):
     cfg = DataConfig(source="text_files", paths=[str(corpus)], vocab_size=300)
     with pytest.raises(ImportError, match=r"pip install 'hybridlm\[curation\]'"):
         write_text_store(cfg, tmp_path / "out", curation=CurationConfig(stages=("exact",)))
+
+
+def test_work_dir_of_other_settings_starts_afresh(tmp_path):
+    from hybridlm.data.curation.pipeline import prepare_work_dir
+
+    work = tmp_path / ".out.curation"
+    prepare_work_dir(work, {"stages": ["exact"]})
+    (work / "input").mkdir()
+    prepare_work_dir(work, {"stages": ["exact"]})  # same settings: resumed as it is
+    assert (work / "input").is_dir()
+    prepare_work_dir(work, {"stages": ["exact", "minhash"]})  # other settings: nothing of the old run is reused
+    assert not (work / "input").exists()
+    assert json.loads((work / "settings.json").read_text()) == {"stages": ["exact", "minhash"]}
 
 
 @pytest.mark.parametrize(
