@@ -342,6 +342,30 @@ def test_slurm_executor_matches_local(tmp_path, dedup_corpus, slurm, monkeypatch
     assert slurm_report["stages"] == local_report["stages"]
 
 
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_failed_slurm_job_is_an_error_not_a_hang(tmp_path, dedup_corpus, slurm, monkeypatch):
+    import hybridlm.data.curation.pipeline as pipeline
+
+    eval_set = write_jsonl(tmp_path / "eval.jsonl", [{"text": " ".join(["word"] * 20)}])
+    materialise = pipeline.materialise_input
+
+    def then_lose_the_eval_set(*args):  # the job's decontamination filter then cannot read it
+        materialise(*args)
+        eval_set.unlink()
+
+    monkeypatch.setattr(pipeline, "materialise_input", then_lose_the_eval_set)
+    for key, value in slurm.env.items():
+        monkeypatch.setenv(key, value)
+    curation = CurationConfig(stages=("decontaminate",), decontaminate=[str(eval_set)], executor="slurm",
+                              slurm_partition="debug", slurm_time="00:05:00", slurm_mem_per_cpu_gb=1)  # fmt: skip
+    with pytest.raises(RuntimeError, match="stopped before finishing"):
+        curate(tmp_path, dedup_corpus[0][:20], curation)
+    assert not (tmp_path / "store").exists()
+    logs = (tmp_path / ".store.curation" / "logs" / "filter" / "slurm_logs").glob("*.out")
+    assert any("FileNotFoundError" in log.read_text() and "eval.jsonl" in log.read_text() for log in logs)
+
+
 def test_missing_datatrove_names_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "datatrove", None)
     corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"text": "one document"}])
