@@ -152,17 +152,15 @@ def build_pipelines(curation: CurationConfig, work: Path) -> list[tuple[str, lis
                                     load_cluster_sizes=True),
                  StageTally(tally, "minhash", histogram_field="minhash_cluster_size")]  # fmt: skip
     filters = {
-        "gopher_repetition": lambda: ProseOnly(GopherRepetitionFilter(**vars(curation.gopher_repetition))),
-        "gopher_quality": lambda: ProseOnly(GopherQualityFilter(**vars(curation.gopher_quality))),
-        "c4": lambda: ProseOnly(C4QualityFilter(**vars(curation.c4)), trimmed_writer=removed("c4_trimmed")),
-        "decontaminate": lambda: DecontaminationFilter(curation.decontaminate, curation.decontaminate_field,
-                                                       curation.decontaminate_ngram),  # fmt: skip
+        "gopher_repetition": lambda out: ProseOnly(GopherRepetitionFilter(**vars(curation.gopher_repetition)), out),
+        "gopher_quality": lambda out: ProseOnly(GopherQualityFilter(**vars(curation.gopher_quality)), out),
+        "c4": lambda out: ProseOnly(C4QualityFilter(**vars(curation.c4)), out, trimmed_writer=removed("c4_trimmed")),
+        "decontaminate": lambda out: DecontaminationFilter(curation.decontaminate, curation.decontaminate_field,
+                                                           curation.decontaminate_ngram, out),  # fmt: skip
     }
     for stage, make in filters.items():
         if stage in stages:
-            step = make()
-            step.exclusion_writer = removed(stage)
-            steps += [step, StageTally(tally, stage)]
+            steps += [make(removed(stage)), StageTally(tally, stage)]
     pipelines.append(("filter", [*steps, JsonlWriter(str(work / "curated"))], tasks))
     return pipelines
 
