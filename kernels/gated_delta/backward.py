@@ -31,6 +31,7 @@ from .triton_common import (
     decay_between,
     decay_matrix,
     document_bounds,
+    fewest_spills_before_hopper,
     grad_through_decays,
     grad_through_prefix,
     grad_through_suffix,
@@ -145,7 +146,8 @@ def state_backward_kernel(
         store_state_tile(d_initial_state, i_nh, dS, K, V, o_k, o_v, BK, BV)
 
 
-@autotune(configs=config_grid({"BV": (64, 32)}, warps=(8,)), key=["H", "HV", "K", "V", "L2NORM"])
+@autotune(configs=config_grid({"BV": (64, 32)}, warps=(8,)), key=["H", "HV", "K", "V", "L2NORM"],
+          allowed=fewest_spills_before_hopper)
 @triton.jit(do_not_specialize=["T", "NT", "H", "HV"])
 def output_grads_kernel(
     q, k, G, q_rnorm, k_rnorm, chunk_states, v_new, d_chunk_states, dv_new, do,
@@ -210,7 +212,7 @@ def output_grads_kernel(
 
 # dk holds the output_grads part on entry and is updated in place: the autotuner must restore it between trials.
 @autotune(configs=config_grid({"BV": (64, 32)}, warps=(8,)), key=["H", "HV", "K", "V", "GATE_FROM_RAW", "L2NORM"],
-          restore_value=["dk"])
+          allowed=fewest_spills_before_hopper, restore_value=["dk"])
 @triton.jit(do_not_specialize=["T", "NT", "H", "HV"])
 def wy_backward_kernel(
     k, v, beta, a, A_log, dt_bias, b,

@@ -26,6 +26,7 @@ from .triton_common import (
     load_beta,
     load_gate,
     load_log_decay,
+    many_warps_before_hopper,
     load_rnorm,
     load_rows_clamped,
     load_tile,
@@ -63,7 +64,8 @@ def invert_unit_lower(A, BT: tl.constexpr, PRECISION: tl.constexpr):
     return tl.dot(series, block_inverse, input_precision=PRECISION)
 
 
-@autotune(configs=config_grid({"BV": (64, 32)}), key=["H", "HV", "K", "V", "GATE_FROM_RAW", "L2NORM"])
+@autotune(configs=config_grid({"BV": (64, 32)}), key=["H", "HV", "K", "V", "GATE_FROM_RAW", "L2NORM"],
+          allowed=many_warps_before_hopper)
 @triton.jit(do_not_specialize=["T", "NT", "H", "HV"])
 def prepare_wy_kernel(
     q, k, v, g, beta, a, A_log, dt_bias, b,

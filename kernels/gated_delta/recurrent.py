@@ -25,11 +25,11 @@ from .inputs import (
     reject_unsupported_fla_arguments,
     resolve_fla_conventions,
 )
-from .triton_common import L2NORM_EPS, autotune, config_grid, softplus, state_fits
+from .triton_common import L2NORM_EPS, autotune, config_grid, recurrent_allowed, softplus
 
 
 @autotune(configs=config_grid({"BV": (32, 16, 64)}, warps=(1, 2, 4), stages=(1,)), key=["H", "HV", "K", "V"],
-          allowed=state_fits(128, rows_per_warp=256))
+          allowed=recurrent_allowed)
 @triton.jit(do_not_specialize=["T", "H", "HV"])
 def recurrent_kernel(
     q, k, v, g, beta, a, A_log, dt_bias, b, initial_state,

@@ -22,6 +22,8 @@ import os
 import triton
 import triton.language as tl
 
+from hybridlm.kernels.arch import device_arch
+
 # The interpreter cannot benchmark (the autotuner needs a GPU driver): it gets the first config only.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 CHUNK = 64
@@ -40,14 +42,17 @@ def config_grid(meta: dict[str, tuple], warps=(4, 8), stages=(2, 1)) -> list[tri
 
 
 def autotune(configs: list[triton.Config], key: list[str], allowed=None, restore_value=None):
-    """triton.autotune with the interpreter's single config. `allowed(meta, num_warps, K)` keeps, per head size, the
-    configs that compile for sm_90 without register spills (tests/kernels/test_gated_delta_compile.py checks them)."""
+    """triton.autotune with the interpreter's single config. `allowed(meta, num_warps, K, arch)` keeps, per head
+    size and GPU architecture, the configs that compile there without register spills (the autotuner never times the
+    others); tests/kernels/test_gated_delta_compile.py compiles what it keeps for sm_80, sm_89, sm_90 and sm_100.
+    `early_config_prune(configs, named_args, K=..., arch=...)` is how those tests ask for one architecture."""
     if INTERPRET:
         return triton.autotune(configs=configs[:1], key=key)
     prune_configs_by = None
     if allowed is not None:
-        def keep_allowed(configs, named_args, **kwargs):
-            return [c for c in configs if allowed(c.kwargs, c.num_warps, kwargs["K"])] or configs[:1]
+        def keep_allowed(configs, named_args, arch=None, **kwargs):
+            arch = arch or device_arch()
+            return [c for c in configs if allowed(c.kwargs, c.num_warps, kwargs["K"], arch)] or configs[:1]
 
         prune_configs_by = {"early_config_prune": keep_allowed}
     return triton.autotune(configs=configs, key=key, prune_configs_by=prune_configs_by,
@@ -57,13 +62,38 @@ def autotune(configs: list[triton.Config], key: list[str], allowed=None, restore
 def state_fits(floats_per_thread: int, rows_per_warp: int = 32):
     """`allowed` for kernels holding a [K, BV] fp32 state in registers: at most this many of its floats a thread,
     and at most `rows_per_warp` of its K rows a warp (the [64, K] operand tiles of a chunk grow with K too)."""
-    return lambda meta, num_warps, K: (K * meta["BV"] <= floats_per_thread * 32 * num_warps
-                                       and K <= rows_per_warp * num_warps)
+    return lambda meta, num_warps, K, arch: (K * meta["BV"] <= floats_per_thread * 32 * num_warps
+                                             and K <= rows_per_warp * num_warps)
 
 
-def wide_or_many_warps(meta, num_warps, K):
-    """`allowed` for the chunk-parallel V-block kernels: BV = 32 needs 8 warps (its dot layouts spill with 4)."""
+def recurrent_allowed(meta, num_warps, K, arch):
+    """`allowed` for the decode kernel: state_fits(128, 256 rows a warp), and on sm_100 not BV = 32 with 4 warps at
+    K = 128 (8 bytes of stack there)."""
+    if arch >= 100 and K <= 128 and meta["BV"] == 32 and num_warps == 4:
+        return False
+    return state_fits(128, rows_per_warp=256)(meta, num_warps, K, arch)
+
+
+def wide_or_many_warps(meta, num_warps, K, arch):
+    """`allowed` for the chunk-parallel V-block kernels (output, local dv). Spill-free: on sm_90 BV = 64 or 8 warps
+    (BV = 32 spills with 4), on sm_80 / sm_89 (mma.sync layouts) BV = 64 only, on sm_100 8 warps only."""
+    if arch < 90:
+        return meta["BV"] >= 64
+    if arch >= 100:
+        return num_warps >= 8
     return meta["BV"] >= 64 or num_warps >= 8
+
+
+def many_warps_before_hopper(meta, num_warps, K, arch):
+    """`allowed` for the prepare (WY) kernel: its 4-warp configs spill 8-16 bytes on sm_80 / sm_89."""
+    return arch >= 90 or num_warps >= 8
+
+
+def fewest_spills_before_hopper(meta, num_warps, K, arch):
+    """`allowed` for the output-gradient and WY-gradient kernels: spill-free on sm_90 / sm_100 at every config; on
+    sm_80 / sm_89 every config spills (their [64, K] tiles are laid out for wgmma), least at BV = 32 (about 0.2 and
+    0.7 KB a thread: correct, slower; test_gated_delta_compile.py bounds it)."""
+    return arch >= 90 or meta["BV"] == 32
 
 
 @triton.jit

@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from hybridlm.kernels.arch import max_shared_bytes
+
 from .tuning import autotune, dot_precision
 
 EPILOGUE_PLAIN, EPILOGUE_SWIGLU, EPILOGUE_SWIGLU_BACKWARD = 0, 1, 2
@@ -62,11 +64,25 @@ def _rows_gemm_configs():
     ]
 
 
+def _rows_gemm_fits(config: triton.Config, arch: int, launch: dict) -> bool:
+    """Before Hopper (mma.sync, the accumulator in registers without wgmma's layout) tiles of more than 32 fp32
+    accumulators a thread spill 80 B - 3.5 KB in the SwiGLU forward, and the pipeline's shared memory must fit the
+    device (sm_89: 99 KB): (stages - 1) buffers of an A and a B tile (two B tiles with SwiGLU). Measured by
+    tests/kernels/test_moe_compile.py, which compiles what this keeps for sm_80, sm_89, sm_90 and sm_100."""
+    m, n, k = (config.kwargs[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+    b_tiles = 2 if launch.get("SWIGLU_FORWARD") else 1
+    element_size = launch["a_ptr"].element_size() if "a_ptr" in launch else 2  # asked without tensors: bf16
+    if (config.num_stages - 1) * (m * k + b_tiles * k * n) * element_size > max_shared_bytes(arch):
+        return False
+    return arch >= 90 or m * n <= 32 * 32 * config.num_warps
+
+
 @autotune(
     _rows_gemm_configs(),
     # Interpreter cost grows with the program count: few wide tiles; BLOCK_K < H still loops over K.
     triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16}),
     key=["N", "K", "SWIGLU_FORWARD", "SWIGLU_BACKWARD", "A_GATHER", "A_SCALE", "TOP_K"],
+    allowed=_rows_gemm_fits,
 )
 @triton.jit
 def _expert_rows_gemm_kernel(

@@ -1,9 +1,11 @@
-"""Compile every gated delta rule kernel for an H100 (sm_90) ahead of time, without a GPU, and check what the real
-compiler makes of it: no register spills (at K = V = 128 and 256, bf16, every config the autotuner may pick) and
-64-bit address arithmetic from the program ids on (per-chunk state offsets pass 2^31 at long context).
+"""Compile every gated delta rule kernel ahead of time, without a GPU, for sm_80, sm_89, sm_90 and sm_100, and check
+what the real compiler makes of it: no register spills (at K = V = 128 and 256, bf16, every config the autotuner
+offers on that architecture: its pruning is keyed on the device's compute capability), shared memory within the
+architecture's limit, and 64-bit address arithmetic from the program ids on (per-chunk state offsets pass 2^31 at
+long context).
 
-The CPU interpreter runs kernels as Python, so it sees neither. This compiles with Triton's NVIDIA backend and reads
-registers / stack / shared memory from the cubin (see sm90.py), 16-byte aligned pointers as in a real launch.
+The CPU interpreter runs kernels as Python, so it sees none of it. This compiles with Triton's NVIDIA backend and
+reads registers / stack / shared memory from the cubin (see aot.py), 16-byte aligned pointers as in a real launch.
 """
 
 from __future__ import annotations
@@ -11,11 +13,16 @@ from __future__ import annotations
 import json
 import re
 
+import aot
 import pytest
-import sm90
+
+from hybridlm.kernels.arch import max_shared_bytes
 
 # Stack bytes per thread a config may use: spills would be far larger (the monolithic backward kernel had 1-3 KB).
 MAX_STACK_BYTES = 0
+# Before Hopper the output-gradient and WY-gradient kernels spill at every config (triton_common's
+# fewest_spills_before_hopper; measured at most 192 and 720 bytes): bounded so that it cannot grow unseen.
+PRE_HOPPER_STACK_BYTES = {"output_grads": 256, "wy_backward": 768}
 HEAD_DIMS = (128, 256)
 
 # Pointer dtypes of a bf16 training call (raw gates, L2 norm); everything not listed is bf16.
@@ -67,18 +74,18 @@ def gdn_kernels(K: int):
     ]
 
 
-def autotune_configs(kernel, K: int):
-    """The configs the autotuner would time for head dims K = V (after its pruning)."""
+def autotune_configs(kernel, K: int, arch: int):
+    """The configs the autotuner would time for head dims K = V on sm_`arch` (after its pruning)."""
     prune = kernel.early_config_prune
-    return prune(kernel.configs, {}, K=K, V=K) if prune else kernel.configs
+    return prune(kernel.configs, {}, K=K, V=K, arch=arch) if prune else kernel.configs
 
 
-def compile_for_h100(kernel, constexprs: dict, config):
-    """Compile one config for sm_90; returns (compiled kernel, {"regs", "stack", "smem"})."""
-    compiled = sm90.compile_for_h100(kernel, dict(constexprs, **config.kwargs), _param_type, config.num_warps,
-                                     config.num_stages)  # fmt: skip
-    (usage,) = sm90.cuobjdump(compiled, "-res-usage")
-    return compiled, {**sm90.registers_and_stack(usage), "smem": compiled.metadata.shared}
+def compile_config(kernel, constexprs: dict, config, arch: int):
+    """Compile one config for sm_`arch`; returns (compiled kernel, {"regs", "stack", "smem"})."""
+    compiled = aot.compile_for(kernel, dict(constexprs, **config.kwargs), _param_type, arch, config.num_warps,
+                               config.num_stages)  # fmt: skip
+    (usage,) = aot.cuobjdump(compiled, "-res-usage")
+    return compiled, {**aot.registers_and_stack(usage), "smem": compiled.metadata.shared}
 
 
 _PROGRAM_ID = re.compile(r"(%[\w.#]+) = tt\.get_program_id")
@@ -97,20 +104,37 @@ def narrow_program_id_uses(ttir: str) -> list[str]:
     return bad
 
 
-def check_all_kernels() -> list[dict]:
-    """Compiles every kernel and config; returns one row per compile, and raises on the first violation."""
+def check_all_kernels(arch: int) -> list[dict]:
+    """Compiles every kernel and offered config for sm_`arch`; returns one row per compile, and raises on the first
+    violation."""
     rows = []
     for K in HEAD_DIMS:
         for name, kernel, constexprs in gdn_kernels(K):
-            for config in autotune_configs(kernel, K):
-                compiled, usage = compile_for_h100(kernel, constexprs, config)
-                row = dict(kernel=name, K=K, config=str(config), **usage)
+            for config in autotune_configs(kernel, K, arch):
+                compiled, usage = compile_config(kernel, constexprs, config, arch)
+                row = dict(arch=arch, kernel=name, K=K, config=str(config), **usage)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-                assert usage["stack"] <= MAX_STACK_BYTES, f"{name} K=V={K} {config}: {usage['stack']} B of stack spills"
+                max_stack = PRE_HOPPER_STACK_BYTES.get(name, MAX_STACK_BYTES) if arch < 90 else MAX_STACK_BYTES
+                where = f"sm_{arch} {name} K=V={K} {config}"
+                assert usage["stack"] <= max_stack, f"{where}: {usage['stack']} B of stack spills"
+                assert usage["smem"] <= max_shared_bytes(arch), f"{where}: {usage['smem']} B of shared memory"
                 narrow = narrow_program_id_uses(compiled.asm["ttir"])
                 assert not narrow, f"{name}: program ids used in i32 arithmetic: {narrow[:3]}"
     return rows
+
+
+def check_pruning_follows_the_device():
+    """Without an explicit arch the pruning asks the driver for the device's: an sm_80 device is never offered the
+    configs that spill there, an sm_90 one keeps them."""
+    from hybridlm.kernels.gated_delta import forward
+
+    kernel, offered = forward.output_kernel, {}
+    for arch in (80, 90):
+        aot.pretend_device_arch(arch)
+        offered[arch] = {(c.kwargs["BV"], c.num_warps) for c in kernel.early_config_prune(kernel.configs, {}, K=128)}
+    assert offered[80] == {(64, 4), (64, 8)}, offered
+    assert (32, 8) in offered[90] and (32, 4) not in offered[90], offered
 
 
 def test_narrow_program_id_uses_finds_i32_offsets():
@@ -125,6 +149,12 @@ def test_narrow_program_id_uses_finds_i32_offsets():
 
 
 @pytest.mark.slow
-def test_gated_delta_kernels_compile_for_h100_without_spills_and_with_64_bit_offsets():
+@pytest.mark.parametrize("arch", aot.ARCHS)
+def test_gated_delta_kernels_compile_without_spills_and_with_64_bit_offsets(arch):
     pytest.importorskip("triton.backends.nvidia")
-    sm90.run_without_interpreter(__file__, "check_all_kernels", globals())
+    aot.run_without_interpreter(__file__, "check_all_kernels", globals(), arch)
+
+
+def test_autotuner_pruning_follows_the_device_architecture():
+    pytest.importorskip("triton.backends.nvidia")
+    aot.run_without_interpreter(__file__, "check_pruning_follows_the_device", globals())

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_gated_delta_reference import rel_err
-from test_gated_delta_triton import DEVICE, FP32_REL_TOL, make_inputs
+from test_gated_delta_triton import BF16_REL_TOL, DEVICE, FP32_REL_TOL, make_inputs
 
 from hybridlm.kernels.gated_delta import (
     chunk_gated_delta_rule,
@@ -24,9 +24,9 @@ from hybridlm.kernels.gated_delta import (
 )
 
 
-def fla_raw_inputs(T=70, H=1, HV=2, K=32, V=32, N=None, seed=0):
-    """Leaves in fla's raw convention: g the raw gate (with A_log, dt_bias), beta the logits."""
-    ours = make_inputs(1, T, H, HV, K, V, N=N, raw_gates=True, seed=seed)
+def fla_raw_inputs(T=70, H=1, HV=2, K=32, V=32, N=None, seed=0, dtype=torch.float32):
+    """Leaves in fla's raw convention: g the raw gate (with A_log, dt_bias), beta the logits; q, k, v in `dtype`."""
+    ours = make_inputs(1, T, H, HV, K, V, N=N, raw_gates=True, seed=seed, dtype=dtype)
     with torch.no_grad():
         ours["A_log"].fill_(math.log(4.0))  # decays up to exp(-4 softplus(a)) per token: a real test of the gate
     return {"q": ours["q"], "k": ours["k"], "v": ours["v"], "g": ours["a"], "beta": ours["b"],
@@ -197,3 +197,27 @@ def test_unsupported_fla_arguments_are_refused_by_name():
             fused_recurrent_gated_delta_rule(**inputs, **{name: inputs["g"]})
     with pytest.raises(ValueError, match="A_log"):
         chunk_gated_delta_rule(**inputs, use_gate_in_kernel=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_fla_conventions_agree_with_fla_and_the_recurrent_backward_with_float64(dtype):
+    """On a GPU: fla's flags on our chunked kernel against fla's own kernel given the same flags (fla's fp32 dots are
+    tf32: 1e-3), and training through our recurrent kernel against the float64 loop."""
+    import os
+
+    os.environ.setdefault("FLA_FLASH_QLA", "0")
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_chunk
+
+    cu_seqlens = torch.tensor([0, 100, 1100, 2048], dtype=torch.long, device=DEVICE)
+    inputs = fla_raw_inputs(T=2048, H=2, HV=4, K=128, V=128, N=3, dtype=dtype)
+    flags = dict(use_gate_in_kernel=True, use_beta_sigmoid_in_kernel=True, use_qk_l2norm_in_kernel=True,
+                 cu_seqlens=cu_seqlens)  # fmt: skip
+    tol = BF16_REL_TOL if dtype == torch.bfloat16 else 1e-3
+    assert_same(run(chunk_gated_delta_rule, inputs, **flags), run(fla_chunk, inputs, **flags), tol=tol)
+
+    short = fla_raw_inputs(T=24, H=2, HV=4, K=128, V=128, N=4, dtype=dtype)
+    flags["cu_seqlens"] = torch.tensor([0, 5, 5, 21, 24], dtype=torch.long, device=DEVICE)
+    assert_same(run(fused_recurrent_gated_delta_rule, short, **flags),
+                run(fused_recurrent_gated_delta_rule_ref, short, dtype=torch.float64, **flags),
+                tol=BF16_REL_TOL if dtype == torch.bfloat16 else FP32_REL_TOL)  # fmt: skip

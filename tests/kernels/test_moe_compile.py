@@ -1,11 +1,12 @@
-"""Compile every MoE kernel for an H100 (sm_90) ahead of time, without a GPU, and check what the real compiler
-makes of them: no spills in the router kernels; for the grouped GEMMs, for each way the routed path calls them, no
-spills inside the wgmma loop and at most a few spilled registers in all (the SwiGLU-backward epilogue holds three
-fp32 tiles at once).
+"""Compile every MoE kernel ahead of time, without a GPU, for sm_80, sm_89, sm_90 and sm_100, and check what the real
+compiler makes of them: no spills in the router kernels; for the grouped GEMMs, for each way the routed path calls
+them and every config the autotuner offers on that architecture (its pruning is keyed on the device's compute
+capability), no spills inside the tensor-core loop (mma.sync, wgmma or tcgen05), at most a few spilled registers in
+all (the SwiGLU-backward epilogue holds three fp32 tiles at once), and shared memory within the device's limit.
 
 The CPU interpreter runs kernels as Python, so it misses errors only the real compiler sees (a non-constexpr
 global, an unsupported construct, a bad dot shape) and says nothing of registers. This compiles with Triton's
-NVIDIA backend and reads the SASS (see sm90.py); no device is needed. Launch-time specialisation is imitated as a
+NVIDIA backend and reads the SASS (see aot.py); no device is needed. Launch-time specialisation is imitated as a
 real bf16 call gets it (16-byte aligned pointers, sizes and strides divisible by 16, unit strides as constants).
 """
 
@@ -15,10 +16,12 @@ import json
 import re
 from functools import partial
 
+import aot
 import pytest
-import sm90
 
-# Spilled bytes per thread a GEMM may have, all outside its wgmma loop (a few epilogue registers).
+from hybridlm.kernels.arch import max_shared_bytes
+
+# Spilled bytes per thread a GEMM may have, all outside its tensor-core loop (a few epilogue registers).
 MAX_SPILL_BYTES = 64
 _POINTER_TYPES = {"sorted_to_pair_ptr": "*i32", "counts_ptr": "*i32", "pair_weights_ptr": "*fp32",
                   "pair_to_sorted_ptr": "*i32", "dweights_ptr": "*fp32", "weights_ptr": "*fp32"}  # fmt: skip
@@ -32,26 +35,29 @@ def _param_type(name: str, overrides: dict) -> str:
     return "*bf16" if name.endswith("_ptr") else "i32"
 
 
-def compile_for_h100(fn, constexprs, num_warps=4, num_stages=3, types=None, aligned_ints=()):
-    """Compile for sm_90 as a launch specialises: aligned pointers and `aligned_ints`; returns the compiled kernel."""
-    return sm90.compile_for_h100(fn, constexprs, partial(_param_type, overrides=types or {}), num_warps, num_stages,
-                                 aligned_ints)  # fmt: skip
+def compile_for(fn, constexprs, arch, num_warps=4, num_stages=3, types=None, aligned_ints=()):
+    """Compile for sm_`arch` as a launch specialises: aligned pointers and `aligned_ints`; returns the compiled
+    kernel."""
+    return aot.compile_for(fn, constexprs, partial(_param_type, overrides=types or {}), arch, num_warps, num_stages,
+                           aligned_ints)  # fmt: skip
 
 
-def resource_usage(compiled, gemm: bool = True) -> dict:
+def resource_usage(compiled, arch: int, gemm: bool = True) -> dict:
     """Registers and stack bytes per thread (spills: these kernels have no local arrays) from the cubin, and for a
-    `gemm` the number of spill instructions (STL/LDL) inside a loop that issues wgmma (its main loop)."""
-    usage, sass = sm90.cuobjdump(compiled, "-res-usage", "-sass")
+    `gemm` the number of spill instructions (STL/LDL) inside a loop that issues the architecture's tensor-core
+    instruction (its main loop)."""
+    mma = aot.MMA_OPCODE[arch]
+    usage, sass = aot.cuobjdump(compiled, "-res-usage", "-sass")
     code = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
     in_loop = 0
     for address, text in code:
         branch = re.search(r"\bBRA(?:\.\w+)*\s+0x([0-9a-f]+)", text)
         if branch and int(branch.group(1), 16) < address:  # a loop's back edge
             body = [t for a, t in code if int(branch.group(1), 16) <= a <= address]
-            if any("GMMA" in t for t in body):
+            if any(mma in t for t in body):
                 in_loop += sum(bool(re.search(r"\b(STL|LDL)\b", t)) for t in body)
-    assert not gemm or any("GMMA" in text for _, text in code), "no wgmma in the SASS: the loop check sees nothing"
-    return {**sm90.registers_and_stack(usage), "spills_in_wgmma_loop": in_loop}
+    assert not gemm or any(mma in text for _, text in code), f"no {mma} in the SASS: the loop check sees nothing"
+    return {**aot.registers_and_stack(usage), "spills_in_mma_loop": in_loop}
 
 
 def routed_gemm_calls():
@@ -72,9 +78,9 @@ def routed_gemm_calls():
     ]
 
 
-def compile_all_kernels() -> list[dict]:
-    """Compiles each kernel (main flag combinations; each GEMM call at its config with the most accumulator values
-    per thread) and checks the GEMMs' spills; raises on the first failure. Returns one row per GEMM compile."""
+def compile_all_kernels(arch: int) -> list[dict]:
+    """Compiles each kernel for sm_`arch` (main flag combinations; each GEMM call at every config the autotuner
+    offers there) and checks the spills; raises on the first failure. Returns one row per GEMM compile."""
     from hybridlm.kernels.moe import combine, permute, router
 
     fp32 = {name: "*fp32" for name in ("logits_ptr", "bias_ptr", "scores_ptr", "logsumexp_ptr",
@@ -88,34 +94,57 @@ def compile_all_kernels() -> list[dict]:
                               HAS_DPROBABILITY_SUMS=True)  # fmt: skip
         for kernel, kernel_flags in [(router._router_forward_kernel, dict(flags, K_PAD=8, HAS_BIAS=True)),
                                      (router._router_backward_kernel, backward_flags)]:  # fmt: skip
-            usage = resource_usage(compile_for_h100(kernel, kernel_flags, types=fp32), gemm=False)
-            assert usage["stack"] == 0, f"router E={num_experts} sigmoid={sigmoid}: spills {usage}"
+            usage = resource_usage(compile_for(kernel, kernel_flags, arch, types=fp32), arch, gemm=False)
+            assert usage["stack"] == 0, f"sm_{arch} router E={num_experts} sigmoid={sigmoid}: spills {usage}"
 
     e_pad, block = permute._block_size(128)
     int32 = {name: "*i32" for name in ("ids_ptr", "hist_ptr", "run_start_ptr", "sorted_to_pair_ptr")}
-    compile_for_h100(permute._block_histogram_kernel, dict(E_PAD=e_pad, BLOCK=block), types=int32)
-    compile_for_h100(permute._block_scatter_kernel, dict(E_PAD=e_pad, BLOCK=block), types=int32)
+    compile_for(permute._block_histogram_kernel, dict(E_PAD=e_pad, BLOCK=block), arch, types=int32)
+    compile_for(permute._block_scatter_kernel, dict(E_PAD=e_pad, BLOCK=block), arch, types=int32)
 
-    compile_for_h100(combine._combine_kernel, dict(TOP_K=8, BLOCK_T=combine.BLOCK_TOKENS, BLOCK_H=256,
-                                                   HAS_WEIGHTS=True))  # fmt: skip
-    compile_for_h100(combine._routing_weight_grad_kernel, dict(BLOCK_P=combine.BLOCK_TOKENS, BLOCK_I=256))
+    compile_for(combine._combine_kernel, dict(TOP_K=8, BLOCK_T=combine.BLOCK_TOKENS, BLOCK_H=256, HAS_WEIGHTS=True),
+                arch)  # fmt: skip
+    compile_for(combine._routing_weight_grad_kernel, dict(BLOCK_P=combine.BLOCK_TOKENS, BLOCK_I=256), arch)
 
     rows = []
     aligned = ("N", "K", "stride_am", "stride_be", "stride_bk", "stride_bn", "stride_lm", "stride_rm")
     for name, kernel, flags, unit_stride in routed_gemm_calls():
-        # The config with the most accumulator values per thread: the first to run out of registers.
-        config = max(kernel.configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] // c.num_warps)
-        constexprs = dict(flags, **config.kwargs, **({unit_stride: 1} if unit_stride else {}))
-        compiled = compile_for_h100(kernel, constexprs, config.num_warps, config.num_stages, aligned_ints=aligned)
-        row = dict(call=name, config=str(config), smem=compiled.metadata.shared, **resource_usage(compiled))
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        assert row["spills_in_wgmma_loop"] == 0, f"{name}: spills inside the wgmma loop: {row}"
-        assert row["stack"] <= MAX_SPILL_BYTES, f"{name}: {row['stack']} B of stack (spills): {row}"
+        prune = kernel.early_config_prune
+        for config in prune(kernel.configs, {}, arch=arch, **flags) if prune else kernel.configs:
+            constexprs = dict(flags, **config.kwargs, **({unit_stride: 1} if unit_stride else {}))
+            compiled = compile_for(kernel, constexprs, arch, config.num_warps, config.num_stages, aligned_ints=aligned)
+            row = dict(arch=arch, call=name, config=str(config), smem=compiled.metadata.shared,
+                       **resource_usage(compiled, arch))  # fmt: skip
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            assert row["spills_in_mma_loop"] == 0, f"{name}: spills inside the tensor-core loop: {row}"
+            assert row["stack"] <= MAX_SPILL_BYTES, f"{name}: {row['stack']} B of stack (spills): {row}"
+            assert row["smem"] <= max_shared_bytes(arch), f"{name}: {row['smem']} B of shared memory: {row}"
     return rows
 
 
-@pytest.mark.slow
-def test_moe_kernels_compile_for_h100_without_spills_in_the_gemm_loops():
+def check_gemm_pruning_follows_the_device():
+    """Without an explicit arch the grouped GEMM's pruning asks the driver: an sm_89 device is never offered the
+    SwiGLU-forward tiles whose pipeline outgrows its 99 KB of shared memory, nor sm_80 the 128 x 128 tiles that
+    spill there; an sm_90 device keeps both."""
+    from hybridlm.kernels.moe import grouped_gemm as gg
+
+    kernel, offered = gg._expert_rows_gemm_kernel, {}
+    for arch in (80, 89, 90):
+        aot.pretend_device_arch(arch)
+        offered[arch] = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps)
+                         for c in kernel.early_config_prune(kernel.configs, {}, SWIGLU_FORWARD=True)}  # fmt: skip
+    assert (64, 128, 8) in offered[80] and (64, 128, 8) not in offered[89] and (64, 128, 8) in offered[90], offered
+    assert (128, 128, 8) not in offered[80] and (128, 128, 8) in offered[90], offered
+
+
+def test_gemm_pruning_follows_the_device_architecture():
     pytest.importorskip("triton.backends.nvidia")
-    sm90.run_without_interpreter(__file__, "compile_all_kernels", globals())
+    aot.run_without_interpreter(__file__, "check_gemm_pruning_follows_the_device", globals())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", aot.ARCHS)
+def test_moe_kernels_compile_without_spills_in_the_gemm_loops(arch):
+    pytest.importorskip("triton.backends.nvidia")
+    aot.run_without_interpreter(__file__, "compile_all_kernels", globals(), arch)
