@@ -169,18 +169,23 @@ def test_quality_filters_remove_planted_junk_and_keep_prose_and_code(tmp_path):
         junk.append({"text": f"Menu\nHome\nLogin\nCart {i}\n" + "Click here.\n" * 3, "key": f"boilerplate-{i}"})
         junk.append({"text": as_text(prose(rng, vocabulary, 120)) + "\nLorem ipsum dolor sit amet, consectetur.",
                      "key": f"lorem-{i}"})  # fmt: skip
+        # A list of short unpunctuated lines: passes Gopher and C4, fails FineWeb's line-punctuation rule
+        short = [word for word in vocabulary if len(word) <= 5]
+        lines = (f"the {rng.choice(short)} of {rng.choice(short)} {rng.choice(short)}" for _ in range(40))
+        junk.append({"text": "\n".join(lines), "key": f"list-{i}"})
     records = good + junk
     rng.shuffle(records)
-    store, _ = curate(tmp_path, records, CurationConfig(stages=("gopher_repetition", "gopher_quality", "c4")))
-    stages = ("gopher_repetition", "gopher_quality", "c4")
+    stages = ("gopher_repetition", "gopher_quality", "c4", "fineweb_quality")
+    store, _ = curate(tmp_path, records, CurationConfig(stages=stages))
     removed = {key for stage in stages for key in removed_keys(store, stage, records)}
     junk_keys = {record["key"] for record in junk}
     print(f"MEASURED quality filters: {len(removed & junk_keys)}/{len(junk_keys)} planted junk removed, "
-          f"{len(removed - junk_keys)}/{len(good)} good documents removed")  # 20/20 and 0/43
+          f"{len(removed - junk_keys)}/{len(good)} good documents removed")  # 25/25 and 0/43
     assert removed == junk_keys, (sorted(junk_keys - removed), sorted(removed - junk_keys))
     report = json.loads((store / "curation" / "report.json").read_text())
     rules = {rule for entry in report["stages"] for rule in entry["removed_by_rule"]}
-    assert {"dup_line_frac", "lorem_ipsum"} <= rules
+    assert {"dup_line_frac", "lorem_ipsum", "line_punct_ratio"} <= rules
+    assert sorted(removed_keys(store, "fineweb_quality", records)) == [f"list-{i}" for i in range(5)]
     assert all(len(examples) <= 3 for entry in report["stages"] for examples in entry["examples"].values())
     assert report["stages"][0]["code_documents_passed"] == 10
     # C4 cut the 2-word line from the trimmed documents; removed/c4_trimmed keeps them as they were.
@@ -190,7 +195,7 @@ def test_quality_filters_remove_planted_junk_and_keep_prose_and_code(tmp_path):
     assert c4["tokens_in"] == c4["tokens_out"] + c4["tokens_removed"] + c4["tokens_trimmed"]
 
     # Each rule is configurable: with C4's lorem-ipsum rule off (and the others as before) those pages stay.
-    curation = CurationConfig(stages=("gopher_repetition", "gopher_quality", "c4"))
+    curation = CurationConfig(stages=stages)
     curation.set_option("c4.filter_lorem_ipsum=false")
     store, header = curate(tmp_path, records, curation, name="lorem_kept")
     removed = {key for stage in stages for key in removed_keys(store, stage, records)}

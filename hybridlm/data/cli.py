@@ -38,17 +38,18 @@ def add_prepare_data_parser(subparsers) -> argparse.ArgumentParser:
 
 def _add_curation_arguments(parser: argparse.ArgumentParser) -> None:
     from hybridlm.data.curation.config import (  # no datatrove import: `hybridlm --help` stays fast
-        STAGES, CurationConfig, MinhashSettings,
+        DEFAULT_STAGES, STAGES, CurationConfig, MinhashSettings,
     )  # fmt: skip
 
     defaults, minhash = CurationConfig(), MinhashSettings()
     group = parser.add_argument_group("curation (needs hybridlm[curation]: datatrove)")
     group.add_argument("--curate", default="none", metavar="STAGES",
-                       help=f"none (default: tokenise as given), default (exact,minhash,gopher_repetition,"
-                            f"gopher_quality,c4) or a comma list of {','.join(STAGES)}")  # fmt: skip
+                       help=f"none (default: tokenise as given), default ({','.join(DEFAULT_STAGES)}) or a comma "
+                            f"list of {','.join(STAGES)}")  # fmt: skip
     group.add_argument("--curate-option", action="append", default=[], metavar="STAGE.NAME=VALUE",
-                       help="a Gopher/C4 setting, e.g. gopher_quality.min_doc_words=20, c4.filter_curly_bracket=false, "
-                            "gopher_repetition.dup_line_frac=null (off); repeatable")  # fmt: skip
+                       help="a Gopher/C4/FineWeb setting, e.g. gopher_quality.min_doc_words=20, "
+                            "c4.filter_curly_bracket=false, gopher_repetition.dup_line_frac=null (off); "
+                            "repeatable")  # fmt: skip
     group.add_argument("--decontaminate", nargs="+", default=[], metavar="PATH",
                        help="eval sets (.jsonl / .txt): drop training documents sharing an n-gram window with them")
     group.add_argument("--decontaminate-field", default=defaults.decontaminate_field, help="text field of .jsonl")

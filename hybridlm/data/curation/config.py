@@ -8,8 +8,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 # In pipeline order. `default` is FineWeb's recipe without its model-based steps (language ID, perplexity).
-STAGES = ("exact", "minhash", "gopher_repetition", "gopher_quality", "c4", "decontaminate")
-DEFAULT_STAGES = ("exact", "minhash", "gopher_repetition", "gopher_quality", "c4")
+STAGES = ("exact", "minhash", "gopher_repetition", "gopher_quality", "c4", "fineweb_quality", "decontaminate")
+DEFAULT_STAGES = ("exact", "minhash", "gopher_repetition", "gopher_quality", "c4", "fineweb_quality")
 EXECUTORS = ("local", "slurm")
 # datatrove's filters that fetch a model or word list at run time: not offered (the pipeline runs offline).
 NEEDS_DOWNLOAD = {
@@ -19,7 +19,7 @@ NEEDS_DOWNLOAD = {
 }
 
 
-FILTER_SETTINGS = ("gopher_repetition", "gopher_quality", "c4")
+FILTER_SETTINGS = ("gopher_repetition", "gopher_quality", "c4", "fineweb_quality")
 
 
 def parse_stages(spec: str) -> tuple[str, ...]:
@@ -138,6 +138,22 @@ class C4Settings:
 
 
 @dataclass
+class FineWebQualitySettings:
+    """FineWeb's own line rules (Penedo et al. 2024, section 3.3), datatrove's defaults."""
+
+    line_punct_thr: float = 0.12  # drop when fewer lines end in terminal punctuation
+    line_punct_exclude_zero: bool = False
+    short_line_thr: float = 0.67  # drop when more lines are at most short_line_length characters
+    short_line_length: int = 30
+    char_duplicates_ratio: float = 0.01  # drop when more characters sit in duplicated lines
+    new_line_ratio: float = 0.3  # drop when there are more newlines per word (lists)
+
+    def __post_init__(self) -> None:
+        for name in ("line_punct_thr", "short_line_thr", "char_duplicates_ratio", "new_line_ratio"):
+            _fraction(f"fineweb_quality.{name}", getattr(self, name))
+
+
+@dataclass
 class CurationConfig:
     """The curation stages to run, their settings, where eval sets for decontamination are, and how to execute."""
 
@@ -146,6 +162,7 @@ class CurationConfig:
     gopher_repetition: GopherRepetitionSettings = field(default_factory=GopherRepetitionSettings)
     gopher_quality: GopherQualitySettings = field(default_factory=GopherQualitySettings)
     c4: C4Settings = field(default_factory=C4Settings)
+    fineweb_quality: FineWebQualitySettings = field(default_factory=FineWebQualitySettings)
     decontaminate: list[str] = field(default_factory=list)  # eval sets: .jsonl (decontaminate_field) or .txt lines
     decontaminate_field: str = "text"
     decontaminate_ngram: int = 13  # GPT-3 (Brown et al. 2020, appendix C) and the Phi reports use 13-grams
@@ -214,7 +231,7 @@ class CurationConfig:
     def settings(self) -> dict:
         """What ran and with which settings, for the store header (executor details do not change the output)."""
         chosen = {"stages": list(self.stages)}
-        for stage in ("minhash", "gopher_repetition", "gopher_quality", "c4"):
+        for stage in ("minhash", *FILTER_SETTINGS):
             if stage in self.stages:
                 chosen[stage] = asdict(getattr(self, stage))
         if "minhash" in self.stages:

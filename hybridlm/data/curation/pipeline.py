@@ -115,7 +115,12 @@ def build_pipelines(curation: CurationConfig, work: Path) -> list[tuple[str, lis
         ExactDedupSignature,
         ExactFindDedups,
     )
-    from datatrove.pipeline.filters import C4QualityFilter, GopherQualityFilter, GopherRepetitionFilter
+    from datatrove.pipeline.filters import (
+        C4QualityFilter,
+        FineWebQualityFilter,
+        GopherQualityFilter,
+        GopherRepetitionFilter,
+    )
     from datatrove.pipeline.writers import JsonlWriter
 
     stages, tasks = curation.stages, curation.tasks
@@ -155,6 +160,7 @@ def build_pipelines(curation: CurationConfig, work: Path) -> list[tuple[str, lis
         "gopher_repetition": lambda out: ProseOnly(GopherRepetitionFilter(**vars(curation.gopher_repetition)), out),
         "gopher_quality": lambda out: ProseOnly(GopherQualityFilter(**vars(curation.gopher_quality)), out),
         "c4": lambda out: ProseOnly(C4QualityFilter(**vars(curation.c4)), out, trimmed_writer=removed("c4_trimmed")),
+        "fineweb_quality": lambda out: ProseOnly(FineWebQualityFilter(**vars(curation.fineweb_quality)), out),
         "decontaminate": lambda out: DecontaminationFilter(curation.decontaminate, curation.decontaminate_field,
                                                            curation.decontaminate_ngram, out),  # fmt: skip
     }

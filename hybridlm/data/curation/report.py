@@ -9,7 +9,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from hybridlm.data.curation.config import STAGES, CurationConfig
+from hybridlm.data.curation.config import FILTER_SETTINGS, STAGES, CurationConfig
 from hybridlm.data.curation.pipeline import removed_documents
 
 EXAMPLE_CHARS = 300
@@ -93,7 +93,7 @@ def build_report(curation: CurationConfig, work: Path, encode_lengths, eval_coun
         }
         if stage in ("exact", "minhash"):
             entry["cluster_sizes"] = _cluster_sizes(after["histogram"], counts_copies=stage == "exact")
-        if stage in ("gopher_repetition", "gopher_quality", "c4"):
+        if stage in FILTER_SETTINGS:
             entry["code_documents_passed"] = before["code_documents"]
         if stage == "decontaminate":
             entry["eval_items_matched"] = dict(eval_items.most_common())
