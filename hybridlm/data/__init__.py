@@ -114,13 +114,15 @@ def build_data(
         for store_dir in store_dirs:
             header = read_header(store_dir)
             _check_model_vocab(header["vocab_size"], model_vocab_size, f"the tokenizer of {store_dir}")
-        store = open_stores(store_dirs, val_fraction=cfg.val_fraction)
+        store = open_stores(store_dirs, val_fraction=cfg.val_fraction,
+                            verified_dir=resolve_cache_dir(cfg) / "verified", full_check=cfg.verify_store_contents)
     else:
         if cfg.tokenizer == "bpe":
             _check_model_vocab(cfg.vocab_size, model_vocab_size, f"data.vocab_size={cfg.vocab_size} BPE")
         else:
             _check_model_vocab(len(load_tokenizer(cfg.tokenizer)), model_vocab_size, f"tokenizer {cfg.tokenizer}")
-        store = open_stores([cached_text_store(cfg, resolve_cache_dir(cfg))])
+        store = open_stores([cached_text_store(cfg, resolve_cache_dir(cfg))],
+                            verified_dir=resolve_cache_dir(cfg) / "verified", full_check=cfg.verify_store_contents)
     vocab_size = len(store.tokenizer)
     _check_model_vocab(vocab_size, model_vocab_size, "the tokenizer")
     eos = store.tokenizer.eos_token_id

@@ -95,7 +95,10 @@ def curation_config(args: argparse.Namespace):
 
 
 def _prepare_data_command(args: argparse.Namespace) -> int:
-    run_prepare_data(args)
+    try:
+        run_prepare_data(args)
+    except (ValueError, OSError) as error:  # a bad input file or option: its message names it and the fix
+        raise SystemExit(f"hybridlm prepare-data: {error}") from None
     return 0
 
 

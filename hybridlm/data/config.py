@@ -122,6 +122,9 @@ class DataConfig:
     min_val_tokens: int = 0  # >0: fail before training when the held-out split is smaller than this
     max_documents: int = 0  # 0 = all; caps stdlib/text_files sources for quick runs
     pack: bool = True  # pack documents into rows (boundaries in cu_seqlens); False: one document per row, padded
+    # Token stores: read every file once per store content (sha256 against the header, token ids against the
+    # vocabulary); false keeps only the cheap checks (sizes, offsets, tokenizer), for a store too big to read at start
+    verify_store_contents: bool = True
     mqar: MQARConfig = field(default_factory=MQARConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
 

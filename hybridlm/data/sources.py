@@ -109,17 +109,14 @@ def check_text_files(files: list[Path], text_field: str) -> None:
         if path.stat().st_size == 0:
             raise ValueError(f"input file {path} is empty; remove it from data.paths")
         if path.suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            names = pq.read_schema(path).names
+            names = _parquet_columns(path)
             if text_field not in names:
                 raise ValueError(f"{path} has no column data.text_field={text_field!r}; its columns are {names}")
         elif path.suffix == ".jsonl":
-            with path.open(encoding="utf-8") as handle:
-                first = next((line for line in handle if line.strip()), None)
+            first = next(_jsonl_lines(path), None)
             if first is None:
                 raise ValueError(f"input file {path} has no JSON lines; remove it from data.paths")
-            _jsonl_text(first, text_field, path, 1)
+            _jsonl_text(first[1], text_field, path, first[0])
 
 
 def source_fingerprint(cfg: DataConfig, files: list[Path]) -> dict:
@@ -162,29 +159,68 @@ def _file_documents(path: Path, source: str, text_field: str) -> Iterator[str]:
         if not is_generated_module(path, text):
             yield text
     elif path.suffix == ".txt":
-        yield path.read_text(encoding="utf-8")
+        data = path.read_bytes()
+        if b"\x00" in data:  # no text file holds NUL characters; a binary one nearly always does
+            raise ValueError(f"{path} holds NUL bytes (the first at byte {data.index(0)}): it looks like a binary "
+                             "file, not text; remove it from data.paths")  # fmt: skip
+        yield _decode_text(data, str(path))
     elif path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as handle:
-            for line_number, line in enumerate(handle, start=1):
-                if line.strip():
-                    yield _jsonl_text(line, text_field, path, line_number)
+        for line_number, line in _jsonl_lines(path):
+            yield _jsonl_text(line, text_field, path, line_number)
     elif path.suffix == ".parquet":
-        import pyarrow.parquet as pq
+        import pyarrow
 
-        for batch in pq.ParquetFile(path).iter_batches(columns=[text_field], batch_size=1024):
-            for text in batch.column(0).to_pylist():
-                if text is not None and not isinstance(text, str):
-                    raise ValueError(f"{path}: column {text_field!r} holds {type(text).__name__}, not text")
-                yield text or ""
+        try:
+            for batch in _parquet_file(path).iter_batches(columns=[text_field], batch_size=1024):
+                for text in batch.column(0).to_pylist():
+                    if text is not None and not isinstance(text, str):
+                        raise ValueError(f"{path}: column {text_field!r} holds {type(text).__name__}, not text")
+                    yield text or ""
+        except pyarrow.ArrowException as error:
+            raise ValueError(f"{path} cannot be read as Parquet ({error}); replace the file or remove it from "
+                             "data.paths") from None  # fmt: skip
     else:
         raise ValueError(f"unsupported input file {path}: use one of {', '.join(TEXT_SUFFIXES)}")
+
+
+def _decode_text(data: bytes, where: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"{where} is not UTF-8 text ({error.reason} at byte {error.start}); convert it to UTF-8 (e.g. "
+            "`iconv -f latin1 -t utf-8`) or remove it from data.paths"
+        ) from None
+
+
+def _jsonl_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, line) of every non-blank line; each decoded on its own, so a bad byte names its line."""
+    with path.open("rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            line = _decode_text(raw, f"{path}:{line_number}")
+            if line.strip():
+                yield line_number, line
+
+
+def _parquet_file(path: Path):
+    import pyarrow
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path)
+    except pyarrow.ArrowException as error:
+        raise ValueError(f"{path} is not a Parquet file ({error}); replace it or remove it from data.paths") from None
+
+
+def _parquet_columns(path: Path) -> list[str]:
+    return _parquet_file(path).schema_arrow.names
 
 
 def _jsonl_text(line: str, text_field: str, path: Path, line_number: int) -> str:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as error:
-        raise ValueError(f"{path}:{line_number} is not valid JSON ({error})") from None
+        raise ValueError(f"{path}:{line_number} is not valid JSON ({error}); fix or remove that line") from None
     if not isinstance(record, dict) or text_field not in record:
         keys = list(record) if isinstance(record, dict) else type(record).__name__
         raise ValueError(f"{path}:{line_number} has no field data.text_field={text_field!r}; it has {keys}")
