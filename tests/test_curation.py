@@ -286,32 +286,39 @@ def _crash(data, rank: int = 0, world_size: int = 1):
 
 
 @pytest.mark.parametrize(
-    ("extra", "error", "match"),
+    ("extra", "match"),
     [
-        (["--curate", "default", "--minhash-threshold", "1.5"], ValueError, r"--minhash-threshold=1\.5 must be in"),
-        (["--curate", "exact,languages"], ValueError, "'languages' is not one of"),
-        (["--curate", "language"], ValueError, "downloaded at run time"),
-        (["--decontaminate", "missing.jsonl"], FileNotFoundError, "--decontaminate missing.jsonl does not exist"),
-        (["--curate", "minhash", "--minhash-bands", "0"], ValueError, "--minhash-bands=0 must be >= 1"),
-        (["--curate", "default", "--executor", "slurm"], ValueError, "needs --slurm-partition"),
-        (["--curate", "default", "--curate-option", "gopher_repetition.dup_line_frac=1.5"], ValueError,
+        (["--curate", "default", "--minhash-threshold", "1.5"], r"--minhash-threshold=1\.5 must be in"),
+        (["--curate", "exact,languages"], "'languages' is not one of"),
+        (["--curate", "language"], "downloaded at run time"),
+        (["--decontaminate", "missing.jsonl"], "--decontaminate missing.jsonl does not exist"),
+        (["--curate", "minhash", "--minhash-bands", "0"], "--minhash-bands=0 must be >= 1"),
+        (["--curate", "default", "--executor", "slurm"], "needs --slurm-partition"),
+        (["--curate", "default", "--curate-option", "gopher_repetition.dup_line_frac=1.5"],
          r"gopher_repetition.dup_line_frac=1\.5 must be a fraction"),
-        (["--curate", "default", "--curate-option", "gopher_quality.min_words=3"], ValueError,
+        (["--curate", "default", "--curate-option", "gopher_quality.min_words=3"],
          "gopher_quality has no setting 'min_words'"),
     ],
 )
-def test_bad_curation_arguments_fail_before_work(tmp_path, extra, error, match, dedup_corpus, monkeypatch):
+def test_bad_curation_arguments_fail_before_work(tmp_path, extra, match, dedup_corpus, monkeypatch):
+    """Each is one line naming the bad value (prepare-data exits with it), before any file is written."""
     monkeypatch.chdir(tmp_path)
     corpus = write_jsonl(tmp_path / "corpus.jsonl", dedup_corpus[0][:20])
-    with pytest.raises(error, match=match):
+    with pytest.raises(SystemExit, match=match):
         main(["prepare-data", "--source", "text_files", "--paths", str(corpus), *extra, "--out", str(tmp_path / "o")])
     assert sorted(path.name for path in tmp_path.iterdir()) == ["corpus.jsonl"]
 
 
-def test_empty_corpus_fails_before_curation(tmp_path):
+def test_empty_or_unreadable_corpus_fails_before_curation(tmp_path):
     blank = write_jsonl(tmp_path / "blank.jsonl", [{"text": ""}, {"text": ""}])
     cfg = DataConfig(source="text_files", paths=[str(blank)], vocab_size=300)
     with pytest.raises(ValueError, match="no documents to curate"):
+        write_text_store(cfg, tmp_path / "out", curation=CurationConfig(stages=("exact",)))
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes(b"caf\xe9 au lait")
+    cfg = DataConfig(source="text_files", paths=[str(write_jsonl(tmp_path / "fine.jsonl", [{"text": "fine"}])),
+                                                  str(latin1)], vocab_size=300)  # fmt: skip
+    with pytest.raises(ValueError, match=r"latin1\.txt is not UTF-8 text"):
         write_text_store(cfg, tmp_path / "out", curation=CurationConfig(stages=("exact",)))
     assert not (tmp_path / "out").exists()
     assert not (tmp_path / ".out.curation").exists()
