@@ -229,20 +229,19 @@ def _strip_wrappers(name: str) -> str:
 
 def _training_metadata(model_states: dict, tag_dir: Path) -> dict:
     """Step, tokens trained and eval numbers: DeepSpeed's step count, then the trainer's state beside the engine
-    directory (`trainer_state_rank0.pt`: step, tokens_seen, eval when recorded)."""
+    directory (`trainer_state_rank0.pt`: step, tokens_seen), then the run's last validation in metrics.jsonl."""
     meta = {}
     if "global_steps" in model_states:
         meta["step"] = int(model_states["global_steps"])
     trainer_state_path = tag_dir.parent / "trainer_state_rank0.pt"
     if trainer_state_path.is_file():
         trainer_state = _torch_load(trainer_state_path)
-        for key, name in (("step", "step"), ("tokens_seen", "tokens_trained"), ("eval", "eval")):
+        for key, name in (("step", "step"), ("tokens_seen", "tokens_trained")):
             if key in trainer_state:
                 meta[name] = trainer_state[key]
-    if "eval" not in meta:
-        evals = _last_validation(tag_dir, meta.get("step"))
-        if evals:
-            meta["eval"] = evals
+    evals = _last_validation(tag_dir, meta.get("step"))
+    if evals:
+        meta["eval"] = evals
     return meta
 
 
