@@ -135,21 +135,52 @@ TRANSFORMERS_KERNEL_FUNCTIONS = ("torch_chunk_gated_delta_rule", "torch_recurren
                                  "causal_conv1d_fn", "causal_conv1d_update")
 
 
+def _fallback_wrapper_cells(obj, depth: int = 4) -> dict | None:
+    """The closure variables of transformers' `use_kernel_func_from_hub_with_fallback` wrapper behind `obj`: searched
+    through closures, `__wrapped__` and, for the nn.Module wrappers transformers 5.25 builds around kernel functions
+    (`use_kernelized_func`'s `Func`), the class's `forward`. None when no such wrapper is found."""
+    seen, frontier = set(), [obj]
+    for _ in range(depth):
+        found = []
+        for candidate in frontier:
+            if id(candidate) in seen:
+                continue
+            seen.add(id(candidate))
+            code, closure = getattr(candidate, "__code__", None), getattr(candidate, "__closure__", None)
+            if code is not None:
+                cells = dict(zip(code.co_freevars, (cell.cell_contents for cell in closure or ())))
+                if "implementation" in cells and "is_new_implementation" in cells:
+                    return cells
+                found.extend(value for value in cells.values() if callable(value))
+            found.extend(getattr(candidate, attribute) for attribute in ("__wrapped__", "forward")
+                         if callable(getattr(candidate, attribute, None)))
+            forward = getattr(type(candidate), "forward", None)
+            if callable(forward):
+                found.append(forward)
+        frontier = found
+    return None
+
+
 def transformers_kernels() -> dict:
-    """{function: "module.qualname" of what transformers' Qwen3-Next actually calls, or "torch fallback"} plus the
-    experts implementations it registers. Read from the closures of its kernel wrappers (transformers 5.2x's
-    `use_kernel_func_from_hub_with_fallback`); "unknown" when that structure changes."""
+    """{function: "module.qualname" of what transformers' Qwen3-Next calls on a GPU, "torch fallback", or "unknown:
+    <why>"} plus the experts implementations it registers. transformers has no public API for this: it is read from
+    the closure of its `use_kernel_func_from_hub_with_fallback` wrapper, and recorded as unknown (never a crash) when
+    a release changes that structure."""
+    import transformers
     import transformers.models.qwen3_next.modeling_qwen3_next as qwen3_next
     from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
     resolved = {}
     for name in TRANSFORMERS_KERNEL_FUNCTIONS:
-        function = getattr(qwen3_next, name)
-        cells = dict(zip(function.__code__.co_freevars, (c.cell_contents for c in function.__closure__ or ())))
-        implementation = cells.get("implementation")
-        if implementation is None or "is_new_implementation" not in cells:
-            resolved[name] = "unknown"
+        function = getattr(qwen3_next, name, None)
+        cells = None if function is None else _fallback_wrapper_cells(function)
+        if function is None:
+            resolved[name] = f"unknown: transformers {transformers.__version__} has no qwen3_next.{name}"
+        elif cells is None:
+            resolved[name] = (f"unknown: transformers {transformers.__version__}'s wrapper of {name} has no "
+                              "'implementation' / 'is_new_implementation' closure to read")
         elif cells["is_new_implementation"]:
+            implementation = cells["implementation"]
             resolved[name] = f"{implementation.__module__}.{implementation.__qualname__}"
         else:
             resolved[name] = "torch fallback"
@@ -159,6 +190,10 @@ def transformers_kernels() -> dict:
 def require_fla(kernels: dict) -> None:
     """On a GPU the baseline is transformers + fla: refuse to report numbers for its PyTorch fallback."""
     chunk = kernels["functions"]["torch_chunk_gated_delta_rule"]
+    if chunk.startswith("unknown"):
+        print(f"WARNING: cannot tell which chunk_gated_delta_rule transformers calls ({chunk}); the baseline may be "
+              "its PyTorch code", file=sys.stderr)
+        return
     if not chunk.startswith("fla."):
         sys.exit(f"transformers' Qwen3-Next resolved chunk_gated_delta_rule to {chunk!r}, not fla's kernel: the "
                  "baseline would be its slow PyTorch code. Install flash-linear-attention (pip install "
