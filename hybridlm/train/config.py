@@ -100,7 +100,7 @@ class TrainerConfig:
     keep_last: int = 3  # checkpoints kept; 0 keeps all
     resume: str = "auto"  # auto: newest complete checkpoint in out_dir, if any | never | a checkpoint directory
     seed: int = 1234
-    progress_bar: bool = True
+    progress_bar: bool = True  # in a terminal only; a log file gets a plain line every log_every steps either way
     # torch intra-op threads when training on CPU; 0 keeps torch's default (one per core). A small model's many
     # small ops run several times faster on 1 thread when other processes compete for the cores.
     cpu_threads: int = 0

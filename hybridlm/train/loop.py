@@ -1,8 +1,8 @@
 """`run(cfg)`: build data, model and DeepSpeed engine, then train with logging, validation and checkpoints.
 
-Every rank runs this function; rank 0 alone prints, shows the progress bar, writes `out_dir/metrics.jsonl` (one JSON
-object per log or validation event; after a resume, events past the checkpoint may appear twice: the later one
-counts) and talks to wandb.
+Every rank runs this function; rank 0 alone prints (the progress bar in a terminal, plain lines in a log file),
+writes `out_dir/metrics.jsonl` (one JSON object per log or validation event; after a resume, events past the
+checkpoint may appear twice: the later one counts) and talks to wandb.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
-from tqdm import tqdm
 
 from hybridlm.data import IGNORE_INDEX, build_data
 from hybridlm.model import HybridLM
@@ -37,6 +36,7 @@ from hybridlm.train.engine import DistInfo, build_engine, init_distributed, reso
 from hybridlm.train.kernel_check import check_kernels
 from hybridlm.train.metrics import MetricsWindow, peak_flops_per_device
 from hybridlm.train.preemption import PreemptionHandler
+from hybridlm.train.progress import Progress
 
 
 def wandb_credentials_found() -> bool:
@@ -96,26 +96,24 @@ def start_wandb(cfg: TrainConfig, info: DistInfo):
 
 
 class Reporter:
-    """Rank-0 output: console (above the progress bar), metrics.jsonl and wandb."""
+    """Rank-0 output: console (hybridlm.train.progress: the bar in a terminal, plain lines in a log file),
+    metrics.jsonl and wandb."""
 
     def __init__(self, cfg: TrainConfig, info: DistInfo, start_step: int, wandb_run=None):
         self.active = info.is_main
-        self.bar = tqdm(
-            total=cfg.trainer.max_steps,
-            initial=start_step,
-            unit="step",
-            dynamic_ncols=True,
-            disable=not (self.active and cfg.trainer.progress_bar),
+        trainer = cfg.trainer
+        self.progress = Progress(
+            max_steps=trainer.max_steps,
+            end_step=trainer.stop_at_step or trainer.max_steps,
+            start_step=start_step,
+            show_bar=trainer.progress_bar,
+            active=self.active,
         )
         self.metrics_file = Path(cfg.trainer.out_dir) / "metrics.jsonl"
         self.wandb = wandb_run
 
     def say(self, text: str) -> None:
-        if self.active:
-            if self.bar.disable:
-                print(text, flush=True)
-            else:
-                tqdm.write(text)
+        self.progress.say(text)
 
     def record(self, step: int, values: dict) -> None:
         if not self.active:
@@ -126,7 +124,7 @@ class Reporter:
             self.wandb.log(values, step=step)
 
     def close(self) -> None:
-        self.bar.close()
+        self.progress.close()
         if self.wandb is not None:
             self.wandb.finish()
 
@@ -332,7 +330,7 @@ def _train(cfg: TrainConfig, preemption: PreemptionHandler) -> dict:
             window.add_micro_batch(out, batch["input_ids"].numel() * info.world_size)
         step += 1
         tokens_seen += tokens_per_step
-        report.bar.update(1)
+        report.progress.step_done()
 
         if step >= trainer.max_steps:
             stop_reason = "max_steps"
@@ -345,8 +343,7 @@ def _train(cfg: TrainConfig, preemption: PreemptionHandler) -> dict:
             metrics = window.summarize(flops_per_token, peak_flops, info.world_size)
             metrics.update(lr=lr, tokens_seen=tokens_seen)
             report.record(step, metrics)
-            report.bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr:.2e}")
-            report.say(_format_log(step, trainer.max_steps, metrics))
+            report.progress.log(step, metrics)
 
         final = stop_reason is not None
         validate = (trainer.eval_every and step % trainer.eval_every == 0) or (final and stop_reason == "max_steps")
@@ -414,18 +411,3 @@ def _train(cfg: TrainConfig, preemption: PreemptionHandler) -> dict:
         "export": exported,
     }
 
-
-def _format_log(step: int, max_steps: int, metrics: dict) -> str:
-    parts = [
-        f"step {step}/{max_steps}",
-        f"loss {metrics['loss']:.4f} ce {metrics['ce_loss']:.4f} aux {metrics['aux_loss']:.4f} "
-        f"z {metrics['z_loss']:.4f}",
-    ]
-    if "grad_norm" in metrics:
-        parts.append(f"grad {metrics['grad_norm']:.3f}")
-    parts.append(f"lr {metrics['lr']:.2e}")
-    parts.append(f"{metrics['tokens_per_s']:,.0f} tok/s")
-    parts.append(f"MFU {metrics['mfu']:.1%}" if "mfu" in metrics else "MFU n/a")
-    if "moe_load_max_over_mean/worst" in metrics:
-        parts.append(f"expert load max/mean {metrics['moe_load_max_over_mean/worst']:.2f}")
-    return " | ".join(parts)
