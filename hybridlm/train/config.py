@@ -14,6 +14,7 @@ from typing import Any
 
 from hybridlm.config import ConfigError, ModelConfig
 from hybridlm.data.config import DataConfig
+from hybridlm.parallel.config import ParallelConfig
 from hybridlm.train.preemption import DEFAULT_PREEMPT_SIGNALS, parse_signal
 
 SCHEDULES = ("cosine", "wsd", "constant")
@@ -205,12 +206,14 @@ class TrainConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self) -> None:
         # Built from plain mappings (tests, scripts) rather than by OmegaConf.
         for key, cls in (
             ("model", ModelConfig), ("data", DataConfig), ("optim", OptimConfig),
             ("deepspeed", DeepSpeedConfig), ("trainer", TrainerConfig), ("wandb", WandbConfig),
+            ("parallel", ParallelConfig),
         ):  # fmt: skip
             if isinstance(getattr(self, key), dict):
                 setattr(self, key, cls(**getattr(self, key)))
@@ -231,6 +234,14 @@ class TrainConfig:
             trainer.seq_len <= self.model.max_position_embeddings,
             f"trainer.seq_len={trainer.seq_len} exceeds model.max_position_embeddings="
             f"{self.model.max_position_embeddings}",
+        )
+        self.parallel.check_model(self.model)
+        ep = self.parallel.expert_parallel_size_for(self.model)
+        _require(
+            ep == 1 or self.deepspeed.zero_stage in (0, 1, 2),
+            f"parallel.expert_parallel_size={ep} with deepspeed.zero_stage=3: DeepSpeed does not partition MoE "
+            "(expert-parallel) parameters under ZeRO 3; use deepspeed=zero2 (each rank then keeps only its "
+            "experts' optimizer-state shard) or parallel.expert_parallel_size=1",
         )
 
 

@@ -231,6 +231,7 @@ def _train(cfg: TrainConfig, preemption: PreemptionHandler) -> dict:
             "`wandb sync`) or wandb.mode=disabled"
         )
     info = init_distributed()
+    cfg.parallel.check_world_size(cfg.model, info.world_size)
     if info.device.type == "cpu" and trainer.cpu_threads:
         torch.set_num_threads(trainer.cpu_threads)
     Path(trainer.out_dir).mkdir(parents=True, exist_ok=True)

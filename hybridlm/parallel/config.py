@@ -1,0 +1,59 @@
+"""The `parallel` section of the training config (`configs/parallel/`).
+
+Values are checked in two places: here, against the model config alone (`ParallelConfig.check_model`, called by
+TrainConfig), and at start-up against the world size (`ParallelConfig.check_world_size`, before the model exists).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hybridlm.config import ConfigError, ModelConfig
+
+
+@dataclass
+class ParallelConfig:
+    # Ranks that share one MoE layer's experts: each holds num_experts / expert_parallel_size of them and tokens
+    # reach their experts by all-to-all inside the group. 1: every rank holds every expert (plain data parallel).
+    # Models without MoE layers ignore it.
+    expert_parallel_size: int = 1
+    # Ranks that split one sequence along its length (context parallelism).
+    context_parallel_size: int = 1
+
+    def __post_init__(self) -> None:
+        for key in ("expert_parallel_size", "context_parallel_size"):
+            value = getattr(self, key)
+            if value < 1:
+                raise ConfigError(f"parallel.{key}={value} must be >= 1 (1 turns it off)")
+        if self.context_parallel_size > 1:
+            raise ConfigError(
+                f"parallel.context_parallel_size={self.context_parallel_size}: context parallelism is not "
+                "implemented yet; use parallel.context_parallel_size=1"
+            )
+
+    def expert_parallel_size_for(self, model: ModelConfig) -> int:
+        """The expert-parallel size the model runs with: 1 for a model without MoE layers."""
+        return self.expert_parallel_size if "moe" in model.mlp_types else 1
+
+    def check_model(self, model: ModelConfig) -> None:
+        ep = self.expert_parallel_size_for(model)
+        num_experts = model.moe.num_experts
+        if num_experts % ep:
+            divisors = [d for d in range(1, num_experts + 1) if num_experts % d == 0]
+            raise ConfigError(
+                f"parallel.expert_parallel_size={ep} does not divide model.moe.num_experts={num_experts}: every "
+                f"rank must hold the same number of experts; choose one of {divisors}"
+            )
+
+    def check_world_size(self, model: ModelConfig, world_size: int) -> None:
+        ep = self.expert_parallel_size_for(model)
+        if ep > 1:
+            raise ConfigError(
+                f"parallel.expert_parallel_size={ep}: expert-parallel dispatch is not implemented yet; "
+                "use parallel.expert_parallel_size=1"
+            )
+        if world_size % ep:
+            raise ConfigError(
+                f"parallel.expert_parallel_size={ep} does not divide the world size {world_size} (ranks launched): "
+                f"launch a multiple of {ep} ranks or choose an expert_parallel_size that divides {world_size}"
+            )
