@@ -14,28 +14,29 @@ export TRITON_INTERPRET := 1
 endif
 PYTEST_ARGS ?=
 
-.PHONY: install install-dev smoke test test-gpu gpu-kit clean
+# The lock (requirements/lock-*.txt): the exact versions `make test` passed with, one file per torch build.
+LOCK := requirements/lock-$(if $(HAS_CUDA),cuda,cpu).txt
+LOCKED_PIP := python3 requirements/lock.py install --venv $(VENV) --lock $(LOCK) --
+# `make test-latest` / `make lock`: a separate venv of the newest releases within pyproject's ranges. torch stays the
+# CPU build on a CPU machine (PyPI's newest torch is a multi-GB CUDA build); override LATEST_TORCH to move it.
+LATEST_VENV := .venv-latest
+LATEST_TORCH ?= $(if $(HAS_CUDA),torch,torch==2.13.0+cpu)
+
+.PHONY: install install-dev smoke test test-gpu gpu-kit test-latest lock latest-venv clean
 
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
-# The package and its runtime dependencies: all that `make smoke` needs.
-$(VENV)/.installed: pyproject.toml
+# The package and its runtime dependencies at the locked versions: all that `make smoke` needs.
+$(VENV)/.installed: pyproject.toml $(LOCK) requirements/lock.py
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PIP) install -q --upgrade pip setuptools wheel
-ifeq ($(HAS_CUDA),1)
-	$(PIP) install -q torch
-else
-	# CPU machine: the local CPU wheel; an unpinned torch would pull a multi-GB CUDA build.
-	$(PIP) install -q torch==2.13.0
-endif
-	$(PY) -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > $(VENV)/torch-constraint.txt
-	$(PIP) install -q -c $(VENV)/torch-constraint.txt -e .
+	$(LOCKED_PIP) pip setuptools wheel
+	$(LOCKED_PIP) --no-build-isolation -e .
 	touch $@
 
 # The test tools on top (pytest, ninja, lm-eval and its large dependency tree), only for `make test`.
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(PIP) install -q -c $(VENV)/torch-constraint.txt -e '.[dev]'
+	$(LOCKED_PIP) --no-build-isolation -e '.[dev]'
 	touch $@
 
 smoke: install
@@ -51,5 +52,19 @@ test-gpu: install-dev
 gpu-kit: install-dev
 	$(PY) eval/bench/gpu_kit.py
 
+# Drift check, not in CI: today's releases (no lock) against the fast CPU tests, to see the next upstream break first.
+test-latest: latest-venv
+	$(LATEST_VENV)/bin/python -m pytest -m "not slow and not slurm and not gpu" $(PYTEST_ARGS)
+
+# Regenerate both lock files from a fresh venv of the newest releases; then `make clean test` before committing them.
+lock: latest-venv
+	python3 requirements/lock.py write --venv $(LATEST_VENV)
+
+latest-venv:
+	rm -rf $(LATEST_VENV) && python3 -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/python -m pip install -q --upgrade pip setuptools wheel
+	$(LATEST_VENV)/bin/python -m pip install -q $(LATEST_TORCH)
+	$(LATEST_VENV)/bin/python -m pip install -q --upgrade --upgrade-strategy eager --no-build-isolation -e '.[dev]'
+
 clean:
-	rm -rf $(VENV) outputs runs
+	rm -rf $(VENV) $(LATEST_VENV) outputs runs
