@@ -11,8 +11,6 @@ from typing import Any
 
 LAYER_SYMBOLS = {"G": "gated_deltanet", "A": "attention"}
 MLP_SYMBOLS = {"M": "moe", "D": "dense"}
-BACKENDS = ("auto", "triton", "fla", "torch")
-ATTENTION_BACKENDS = ("auto", "sdpa", "flex")
 AUX_LOSS_SCOPES = ("micro_batch", "step")
 
 
@@ -23,6 +21,15 @@ class ConfigError(ValueError):
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
+
+
+def _require_backend(op: str, backend: str) -> None:
+    """`backend` names an implementation that op `op` ("GATED_DELTA", "MOE", "ATTENTION") registered in
+    hybridlm.ops, and its package is installed."""
+    from hybridlm import ops  # imported here: hybridlm.ops imports torch, and importing this module needs none
+
+    refusal = getattr(ops, op).refusal(backend)
+    _require(refusal is None, refusal or "")
 
 
 def normalize_pattern(pattern, key: str) -> str:
@@ -84,7 +91,7 @@ class GatedDeltaNetConfig:
             0 < self.dt_init_min < self.dt_init_max,
             f"model.gdn.dt_init_min/max=({self.dt_init_min}, {self.dt_init_max}) must satisfy 0 < min < max",
         )
-        _require(self.backend in BACKENDS, f"model.gdn.backend={self.backend!r}; choose one of {BACKENDS}")
+        _require_backend("GATED_DELTA", self.backend)
 
 
 @dataclass
@@ -122,10 +129,7 @@ class AttentionConfig:
         )
         _require(self.rope_theta > 0, f"model.attention.rope_theta={self.rope_theta} must be > 0")
         _require(self.sliding_window >= 0, f"model.attention.sliding_window={self.sliding_window} must be >= 0")
-        _require(
-            self.backend in ATTENTION_BACKENDS,
-            f"model.attention.backend={self.backend!r}; choose one of {ATTENTION_BACKENDS}",
-        )
+        _require_backend("ATTENTION", self.backend)
 
     @property
     def rotary_dim(self) -> int:
@@ -175,7 +179,7 @@ class MoEConfig:
             self.aux_loss_scope in AUX_LOSS_SCOPES,
             f"model.moe.aux_loss_scope={self.aux_loss_scope!r}; choose one of {AUX_LOSS_SCOPES}",
         )
-        _require(self.backend in BACKENDS, f"model.moe.backend={self.backend!r}; choose one of {BACKENDS}")
+        _require_backend("MOE", self.backend)
 
 
 @dataclass

@@ -16,6 +16,7 @@ from hybridlm.kernels.tolerances import ATTENTION_REL_TOL
 from hybridlm.layers import attention
 from hybridlm.layers.attention import dense_mask, document_block_mask, visibility_rule
 from hybridlm.model import HybridLM
+from hybridlm.ops import attention as attention_ops
 
 CPU = torch.device("cpu")
 
@@ -91,7 +92,7 @@ def packed_batch(lengths: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.mark.parametrize("window", [0, 6])
 def test_flex_model_equals_sdpa_model_on_a_packed_batch(monkeypatch, window):
-    monkeypatch.setattr(attention, "compiled_flex_attention", lambda: eager_flex)
+    monkeypatch.setattr(attention_ops, "compiled_flex_attention", lambda: eager_flex)
     monkeypatch.setattr(attention, "FLEX_BLOCK_SIZE", 16)  # several blocks at T = 48
     ids, cu = packed_batch([[9, 30, 9], [48], [20, 28]])
     with torch.no_grad():

@@ -126,6 +126,10 @@ def test_wrong_types_fail_naming_the_key(override, key):
         (["model.layer_pattern=7"], "must be a string such as GGGA or a list of symbols"),
         (["model.moe.selection_bias=true", "model.moe.bias_update_rate=0"], "bias_update_rate > 0"),
         (["model.moe.aux_loss_scope=window"], "model.moe.aux_loss_scope='window'; choose one of"),
+        # Each op's backends are the ones it registered in hybridlm.ops: fla has no MoE, flex is attention's only.
+        (["model.moe.backend=fla"], "model.moe.backend='fla'; choose one of ('auto', 'triton', 'torch')"),
+        (["model.gdn.backend=flex"], "model.gdn.backend='flex'; choose one of ('auto', 'triton', 'fla', 'torch')"),
+        (["model.attention.backend=triton"], "model.attention.backend='triton'; choose one of ('auto', 'flex', 'sdpa')"),
         (["wandb.finish_timeout_s=0"], "wandb.finish_timeout_s=0"),
         (["trainer.seq_len=8192"], "max_position_embeddings"),
         # Checked whether or not the run uses them (no export format, no push, a source that ignores the key).

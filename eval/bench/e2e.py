@@ -204,12 +204,11 @@ def hybridlm_kernels(cfg, device) -> dict:
     """The backends our model resolves on `device` (auto: Triton / FlexAttention on CUDA, PyTorch on CPU)."""
     import torch
 
-    from hybridlm.layers.attention import resolve_backend as attention_backend
-    from hybridlm.ops import resolve_backend
+    from hybridlm import ops
 
-    probe = torch.empty(0, device=device)
-    return {"gdn": resolve_backend(cfg.gdn.backend, probe), "moe": resolve_backend(cfg.moe.backend, probe),
-            "attention": attention_backend(cfg.attention.backend, torch.device(device))}
+    device = torch.device(device)
+    return {"gdn": ops.GATED_DELTA.resolve(cfg.gdn.backend, device), "moe": ops.MOE.resolve(cfg.moe.backend, device),
+            "attention": ops.ATTENTION.resolve(cfg.attention.backend, device)}
 
 
 def release_memory(device) -> None:

@@ -95,7 +95,7 @@ def build_step(impl, shape, inputs):
         params = [inputs[name].detach().clone().requires_grad_() for name in ("router_weight", "gate_up", "down")]
 
         def forward():
-            return sparse_moe(x, *params, top_k=top_k)[0]
+            return sparse_moe(x, *params, top_k=top_k).y
 
     elif impl in ("hf_grouped", "hf_loop"):
         from transformers.models.qwen3_next.configuration_qwen3_next import Qwen3NextConfig

@@ -151,13 +151,10 @@ def _implementation(backend: str, device: torch.device) -> tuple[str, bool]:
 
 def plan(model: ModelConfig, device: torch.device, dtype: torch.dtype) -> list[OpCheck]:
     """The checks of every op `model` uses, each bound to the backend its config resolves to on `device`."""
-    from hybridlm.layers.attention import resolve_backend as attention_backend
-
-    probe = torch.empty(0, device=device)
     checks = []
     small = device.type == "cpu"  # the interpreter and the float64 references are slow on a CPU
     if "gated_deltanet" in model.layer_types:
-        backend = ops.resolve_backend(model.gdn.backend, probe)
+        backend = ops.GATED_DELTA.resolve(model.gdn.backend, device)
         checks += [
             OpCheck("gdn.chunk fwd+bwd", backend, GDN_FIX[backend],
                     partial(_check_gdn_chunk, model, backend, device, dtype, small)),
@@ -165,8 +162,8 @@ def plan(model: ModelConfig, device: torch.device, dtype: torch.dtype) -> list[O
                     partial(_check_gdn_decode, model, backend, device, dtype)),
         ]
     if "moe" in model.mlp_types:
-        backend = ops.resolve_backend(model.moe.backend, probe)
-        moe_fix = MOE_FIX.get(backend, MOE_FIX["triton"])  # fla has no MoE: its ValueError is the failure
+        backend = ops.MOE.resolve(model.moe.backend, device)
+        moe_fix = MOE_FIX[backend]
         checks += [
             OpCheck("moe.router fwd+bwd", backend, moe_fix,
                     partial(_check_moe_router, model, backend, device, dtype, small)),
@@ -178,7 +175,7 @@ def plan(model: ModelConfig, device: torch.device, dtype: torch.dtype) -> list[O
                     partial(_check_moe_path, model, backend, device, dtype, small)),
         ]
     if "attention" in model.layer_types:
-        backend = attention_backend(model.attention.backend, device)
+        backend = ops.ATTENTION.resolve(model.attention.backend, device)
         checks.append(OpCheck("attention fwd+bwd", backend, ATTENTION_FIX[backend],
                               partial(_check_attention, model, backend, device, dtype, small)))
     return checks
@@ -431,12 +428,12 @@ def _check_moe_path(model, backend, device, dtype, small) -> str:
     tol = _tolerance(MOE_MAX_REL_TOL, dtype, device)
     m = model.moe
     tensors, bias = _moe_tensors(model, _moe_tokens(model, small), seed=9)
-    routing = dict(score_func=m.score_func, renormalize=m.renormalize, return_loss_stats=True)
+    routing = dict(score_func=m.score_func, renormalize=m.renormalize)
 
     def run(fn, leaves, bias, **extra):
-        y, logits, counts, stats = fn(*leaves.values(), m.top_k, selection_bias=bias, **routing, **extra)
-        outputs = [y, logits, *stats]
-        return counts, outputs, _grads(outputs, leaves, seed=10)
+        routed = fn(*leaves.values(), m.top_k, selection_bias=bias, **routing, **extra)
+        outputs = [routed.y, routed.router_logits, *routed.loss_stats]
+        return routed.expert_counts, outputs, _grads(outputs, leaves, seed=10)
 
     leaves = _leaves(tensors, lambda n: dtype, device)
     counts, outputs, grads = run(ops.sparse_moe, leaves, bias.to(device) if bias is not None else None,

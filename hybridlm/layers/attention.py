@@ -13,19 +13,18 @@ one: a single new token with no padding sees every cached key (with a window: th
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.bias import CausalBias, causal_lower_right
-from torch.nn.attention.flex_attention import BlockMask, flex_attention
+from torch.nn.attention.flex_attention import BlockMask
 
 from hybridlm.config import AttentionConfig
 from hybridlm.layers.norm import RMSNorm
 from hybridlm.layers.rope import RotaryEmbedding, apply_rotary
+from hybridlm.ops import ATTENTION, attend
 
 FLEX_BLOCK_SIZE = 128  # FlexAttention's sparse block; its kernels tile queries and keys by it
 
@@ -118,13 +117,6 @@ class AttentionPattern:
     cache_capacity: int = 0  # decoding: tokens a newly allocated key/value buffer holds at least
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """`model.attention.backend` for tensors on `device`: auto is FlexAttention on CUDA, SDPA elsewhere."""
-    if backend == "auto":
-        return "flex" if device.type == "cuda" else "sdpa"
-    return backend
-
-
 def sequence_pattern(
     seq_len: int,
     device: torch.device,
@@ -138,7 +130,7 @@ def sequence_pattern(
     `sorted_segments` when they never decrease along a row (packing), which the flex block mask needs."""
     if segment_ids is None and not window:
         return AttentionPattern(is_causal=True)
-    if resolve_backend(backend, device) == "flex" and (segment_ids is None or sorted_segments):
+    if ATTENTION.resolve(backend, device) == "flex" and (segment_ids is None or sorted_segments):
         return AttentionPattern(block_mask=document_block_mask(segment_ids, seq_len, window, device, FLEX_BLOCK_SIZE))
     index = torch.arange(seq_len, device=device)
     return AttentionPattern(mask=dense_mask(segment_ids, window, index, index))
@@ -185,26 +177,6 @@ def append_along(
         buffer = grown
     buffer.narrow(dim, length, new.shape[dim]).copy_(new)
     return buffer
-
-
-@functools.cache
-def compiled_flex_attention():
-    # Compiled once per process, on first use: eager flex_attention materialises the full score matrix.
-    return torch.compile(flex_attention)
-
-
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: AttentionPattern) -> torch.Tensor:
-    """q [B,H,Tq,d], k and v [B,H_kv,Tk,d] -> [B,H,Tq,d]."""
-    gqa = q.shape[1] != k.shape[1]
-    if pattern.block_mask is not None:
-        return compiled_flex_attention()(q, k, v, block_mask=pattern.block_mask, enable_gqa=gqa)
-    B, H, Tq, d = q.shape
-    if gqa and Tq == 1 and isinstance(pattern.mask, torch.Tensor):
-        # One query per row: fold each KV head's query heads into the query axis, so the masked call needs neither
-        # GQA support (CUDA's mask-capable kernel has none) nor repeated keys.
-        folded = q.reshape(B, k.shape[1], H // k.shape[1], d)
-        return F.scaled_dot_product_attention(folded, k, v, attn_mask=pattern.mask).reshape(B, H, 1, d)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=pattern.mask, is_causal=pattern.is_causal, enable_gqa=gqa)
 
 
 class Attention(nn.Module):

@@ -102,7 +102,7 @@ class SparseMoE(nn.Module):
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])
         bias = self.expert_bias.float() if cfg.selection_bias else None
-        y, _, counts, loss_stats = ops.sparse_moe(
+        routed = ops.sparse_moe(
             tokens,
             self.gate.weight,
             self.experts.gate_up_proj,
@@ -111,9 +111,9 @@ class SparseMoE(nn.Module):
             score_func=cfg.score_func,
             renormalize=cfg.renormalize,
             selection_bias=bias,
-            return_loss_stats=True,
             backend=cfg.backend,
         )
+        y, counts, loss_stats = routed.y, routed.expert_counts, routed.loss_stats
         if cfg.shared_expert_intermediate_size:
             y = y + torch.sigmoid(self.shared_expert_gate(tokens)) * self.shared_expert(tokens)
         counts = counts.to(torch.int64)

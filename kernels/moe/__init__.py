@@ -10,11 +10,11 @@ if not __name__.startswith("hybridlm.kernels."):
     raise ImportError(f"import this package as hybridlm.kernels.{__name__.rsplit('.', 1)[-1]}, not as {__name__}")
 
 
-from .reference import RouterLossStats, RouterOutput, route_ref, sparse_moe_ref
+from .reference import RouterLossStats, RouterOutput, SparseMoEOutput, route_ref, sparse_moe_ref
 
 _TRITON_EXPORTS = ("sparse_moe", "route")
 
-__all__ = ["RouterLossStats", "RouterOutput", "route", "route_ref", "sparse_moe", "sparse_moe_ref"]
+__all__ = ["RouterLossStats", "RouterOutput", "SparseMoEOutput", "route", "route_ref", "sparse_moe", "sparse_moe_ref"]
 
 
 def __getattr__(name: str):

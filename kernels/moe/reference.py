@@ -45,6 +45,15 @@ class RouterOutput(NamedTuple):
     loss_stats: RouterLossStats
 
 
+class SparseMoEOutput(NamedTuple):
+    """What every implementation of `sparse_moe` returns."""
+
+    y: torch.Tensor  # [T, H] in x's dtype
+    router_logits: torch.Tensor  # [T, E] fp32 (fp64 for fp64 inputs), differentiable
+    expert_counts: torch.Tensor  # [E] int64 (token, slot) pairs routed to each expert
+    loss_stats: RouterLossStats  # for the z and load-balancing losses
+
+
 def router_compute_dtype(x: torch.Tensor) -> torch.dtype:
     """Routing runs in fp32 at least; fp64 inputs keep fp64 so float64 references stay exact."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -108,10 +117,9 @@ def sparse_moe_ref(
     score_func: str = "softmax",
     renormalize: bool = True,
     selection_bias: torch.Tensor | None = None,
-    return_loss_stats: bool = False,
-) -> tuple[torch.Tensor, ...]:
-    """Routed SwiGLU MoE: returns (y [T,H] in x's dtype, router_logits [T,E] fp32, expert_counts [E] int64), and
-    the router's `RouterLossStats` fourth when `return_loss_stats`."""
+) -> SparseMoEOutput:
+    """Routed SwiGLU MoE: y = sum_k w_k * down_e(silu(gate_e x) * up_e x), with the router's logits, expert counts
+    and loss stats."""
     check_sparse_moe_inputs(x, router_weight, gate_up, down, top_k, score_func, selection_bias)
     routing = route_ref(x, router_weight, top_k, score_func, renormalize, selection_bias)
     num_tokens = x.shape[0]
@@ -122,5 +130,4 @@ def sparse_moe_ref(
     # Back to (token, slot) order, then a fixed-order weighted sum over the k slots.
     out = torch.empty_like(out_sorted).index_copy(0, order, out_sorted).view(num_tokens, top_k, x.shape[1])
     y = (out.to(routing.weights.dtype) * routing.weights.unsqueeze(-1)).sum(dim=1)
-    outputs = (y.to(x.dtype), routing.router_logits, routing.expert_counts)
-    return (*outputs, routing.loss_stats) if return_loss_stats else outputs
+    return SparseMoEOutput(y.to(x.dtype), routing.router_logits, routing.expert_counts, routing.loss_stats)

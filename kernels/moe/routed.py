@@ -21,7 +21,7 @@ from .checks import check_router_inputs, check_sparse_moe_inputs
 from .combine import combine, swiglu_routing_weight_grad
 from .grouped_gemm import EPILOGUE_SWIGLU, EPILOGUE_SWIGLU_BACKWARD, expert_rows_gemm, expert_weight_grad
 from .permute import permute_by_expert
-from .reference import RouterLossStats, RouterOutput
+from .reference import RouterLossStats, RouterOutput, SparseMoEOutput
 from .router import router_topk
 from .tuning import INTERPRET
 
@@ -149,14 +149,12 @@ def sparse_moe(
     score_func: str = "softmax",
     renormalize: bool = True,
     selection_bias: torch.Tensor | None = None,
-    return_loss_stats: bool = False,
-) -> tuple[torch.Tensor, ...]:
-    """Routed SwiGLU MoE: (y [T,H] in x's dtype, router_logits [T,E] fp32, expert_counts [E] int64), and the
-    router's `RouterLossStats` fourth when `return_loss_stats`."""
+) -> SparseMoEOutput:
+    """Routed SwiGLU MoE (same contract as `sparse_moe_ref`): y [T,H] in x's dtype, router logits, expert counts
+    and loss stats."""
     check_sparse_moe_inputs(x, router_weight, gate_up, down, top_k, score_func, selection_bias)
     _check_triton_device(x)
     x = x.contiguous()
     routing, permutation = _route_and_permute(x, router_weight, top_k, score_func, renormalize, selection_bias)
     y = RoutedExpertsFunction.apply(x, routing.weights, gate_up, down, *permutation, top_k)
-    outputs = (y, routing.router_logits, routing.expert_counts)
-    return (*outputs, routing.loss_stats) if return_loss_stats else outputs
+    return SparseMoEOutput(y, routing.router_logits, routing.expert_counts, routing.loss_stats)

@@ -14,10 +14,19 @@ import torch.nn.functional as F
 from hybridlm.kernels.tolerances import max_rel_err as rel_err  # noqa: F401 - the MoE tests' error measure
 
 
-def moe_loop(x, router_weight, gate_up, down, top_k, score_func="softmax", renormalize=True, selection_bias=None,
-             return_loss_stats=False):
-    """Returns (y, logits, expert_counts, expert_ids, weights) computed in float64; with `return_loss_stats`, as the
-    implementations do: (y, logits, expert_counts, (logsumexp [T], probability_sums [E]))."""
+class LoopOutput(NamedTuple):
+    """The fields of `SparseMoEOutput`, then the routing itself."""
+
+    y: torch.Tensor
+    router_logits: torch.Tensor
+    expert_counts: torch.Tensor
+    loss_stats: tuple[torch.Tensor, torch.Tensor]  # (logsumexp [T], probability_sums [E])
+    expert_ids: torch.Tensor
+    weights: torch.Tensor
+
+
+def moe_loop(x, router_weight, gate_up, down, top_k, score_func="softmax", renormalize=True, selection_bias=None):
+    """The routed MoE and its routing, computed in float64."""
     x, router_weight, gate_up, down = (t.double() for t in (x, router_weight, gate_up, down))
     num_experts = router_weight.shape[0]
     intermediate = down.shape[2]
@@ -42,9 +51,7 @@ def moe_loop(x, router_weight, gate_up, down, top_k, score_func="softmax", renor
         contribution[token_mask] = dense_weights[token_mask, expert, None] * out
         y = y + contribution
     weights = dense_weights.gather(1, expert_ids)
-    if return_loss_stats:
-        return y, logits, chosen.sum(dim=0), router_loss_stats_loop(logits, score_func)
-    return y, logits, chosen.sum(dim=0), expert_ids, weights
+    return LoopOutput(y, logits, chosen.sum(dim=0), router_loss_stats_loop(logits, score_func), expert_ids, weights)
 
 
 def router_loss_stats_loop(logits, score_func):
@@ -85,7 +92,8 @@ def forward_backward(fn, inputs, seed=123, **kwargs) -> PathResult:
     """Forward `fn` (an implementation, or `moe_loop`) with its loss stats, then backward fixed random cotangents on
     y, the logits and both loss stats: the last three stand in for the z and balancing losses of the MoE layer."""
     leaves = [t.detach().clone().requires_grad_() for t in inputs]
-    y, logits, counts, loss_stats = fn(*leaves, return_loss_stats=True, **kwargs)
+    routed = fn(*leaves, **kwargs)
+    y, logits, counts, loss_stats = routed.y, routed.router_logits, routed.expert_counts, routed.loss_stats
     outputs = [y, logits, *loss_stats]
     generator = torch.Generator().manual_seed(seed)
     cotangents = [torch.randn(t.shape, generator=generator, dtype=torch.float64).to(t) for t in outputs]
@@ -97,7 +105,7 @@ def forward_backward(fn, inputs, seed=123, **kwargs) -> PathResult:
 def test_oracle_matches_per_token_formula():
     """The oracle itself, checked on a tiny case against the formula written per token and per slot."""
     x, router_weight, gate_up, down = random_moe_inputs(5, 4, 3, 4, dtype=torch.float64, seed=1)
-    y, logits, counts, expert_ids, weights = moe_loop(x, router_weight, gate_up, down, top_k=2)
+    y, logits, counts, _, expert_ids, weights = moe_loop(x, router_weight, gate_up, down, top_k=2)
     for token in range(5):
         probs = torch.softmax(x[token] @ router_weight.T, dim=-1)
         top = sorted(range(4), key=lambda e: -probs[e].item())[:2]

@@ -336,9 +336,7 @@ def test_repeats_are_bitwise_identical():
 def test_zero_tokens():
     x, router_weight, gate_up, down = on_device(*random_moe_inputs(0, HIDDEN, INTERMEDIATE, NUM_EXPERTS))
     x.requires_grad_()
-    y, logits, counts, (logsumexp, probability_sums) = sparse_moe(
-        x, router_weight, gate_up, down, top_k=2, return_loss_stats=True
-    )
+    y, logits, counts, (logsumexp, probability_sums) = sparse_moe(x, router_weight, gate_up, down, top_k=2)
     assert y.shape == (0, HIDDEN) and logits.shape == (0, NUM_EXPERTS) and not counts.any()
     assert logsumexp.shape == (0,) and probability_sums.shape == (NUM_EXPERTS,) and not probability_sums.any()
     (y.sum() + logits.sum() + logsumexp.sum() + probability_sums.sum()).backward()
