@@ -285,13 +285,13 @@ def test_online_wandb_bounds_its_start_and_its_final_upload(monkeypatch, tmp_pat
     disk for `wandb sync`) instead of blocking the end of a run, or a preempted job's requeue, on a lost network."""
     import wandb
 
-    from hybridlm.train import loop
+    from hybridlm.train.callbacks import wandb as wandb_callback
 
     calls = []
     monkeypatch.setattr(wandb, "init", lambda **kwargs: calls.append(kwargs) or "run")
     cfg = load("wandb.mode=online", "wandb.init_timeout_s=7", "wandb.finish_timeout_s=45",
                f"trainer.out_dir={tmp_path}")  # fmt: skip
-    assert loop._init_wandb(cfg) == "run"
+    assert wandb_callback.init_wandb(cfg) == "run"
     (call,) = calls
     assert call["mode"] == "online"
     assert call["settings"].init_timeout == 7 and call["settings"].finish_timeout == 45

@@ -22,7 +22,7 @@ def _exit_cleanly_on_export_errors(command: str, run):
 
 
 def add_export_parser(subparsers) -> None:
-    from hybridlm.export.writer import DTYPES, EXPORT_FORMATS
+    from hybridlm.export.options import DTYPES, EXPORT_FORMATS
 
     parser = subparsers.add_parser(
         "export",

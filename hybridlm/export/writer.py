@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -15,27 +14,9 @@ import torch
 from hybridlm.config import ModelConfig
 from hybridlm.export.checkpoint import Checkpoint, read_checkpoint
 from hybridlm.export.formats import DEFAULT_EXPERT_LAYOUT, FORMATS, ExportError, config_to_dict, own_storage
+from hybridlm.export.options import ExportOptions
 
 log = logging.getLogger(__name__)
-
-EXPORT_FORMATS = ("hybridlm", *FORMATS)
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
-               "GIB": 2**30}
-
-
-def parse_size(size: str | int) -> int:
-    """'5GB' / '500MB' / '2GiB' / 1000000 -> bytes."""
-    if isinstance(size, int):
-        value = size
-    else:
-        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(size))
-        if not match or match.group(2).upper() not in _SIZE_UNITS:
-            raise ExportError(f"shard_size={size!r} is not a size; write e.g. '5GB', '500MB' or a number of bytes")
-        value = int(float(match.group(1)) * _SIZE_UNITS[match.group(2).upper()])
-    if value <= 0:
-        raise ExportError(f"shard_size={size!r} must be positive")
-    return value
 
 
 def export_checkpoint(
@@ -49,30 +30,22 @@ def export_checkpoint(
 ) -> Path:
     """Export the checkpoint at `src` (run dir, DeepSpeed checkpoint or exported model) to the directory `out`.
 
-    format: 'hybridlm' (our model type, loads after `import hybridlm`), 'qwen3_next' or 'qwen3_5_moe' (plain
-    transformers, refused with every mismatch listed when the architecture does not fit). Pushes `out` to the Hub
-    repo `push_to_hub` when given (token from HF_TOKEN or the login cache). Returns `out`.
+    The options are ExportOptions' (checked there); a native format is refused with every mismatch listed when the
+    architecture does not fit. Pushes `out` to the Hub repo `push_to_hub` when given (token from HF_TOKEN or the
+    login cache). Returns `out`.
     """
-    if format not in EXPORT_FORMATS:
-        raise ExportError(f"format={format!r}; choose one of {EXPORT_FORMATS}")
-    if dtype not in DTYPES:
-        raise ExportError(f"dtype={dtype!r}; choose one of {tuple(DTYPES)}")
-    max_shard_bytes = parse_size(shard_size)
+    options = ExportOptions(format, dtype, shard_size, push_to_hub, private)
     out = Path(out).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"{out} already exists and is not empty; remove it or choose another output directory")
-    if push_to_hub is not None:
-        from hybridlm.export.hub import check_push_target
-
-        check_push_target(push_to_hub)
+    options.check_push_target()
     ckpt = read_checkpoint(src)
-    if format in FORMATS:
-        FORMATS[format].check_fits(ckpt.config)
+    options.check_fits(ckpt.config)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        write_model_dir(ckpt, staging, format, DTYPES[dtype], max_shard_bytes)
+        write_model_dir(ckpt, staging, format, options.torch_dtype, options.max_shard_bytes)
         if out.exists():
             out.rmdir()  # empty (checked above); rename cannot replace a directory
         staging.rename(out)

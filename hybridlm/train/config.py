@@ -132,36 +132,6 @@ class TrainerConfig:
             _require(getattr(self, key) >= 0, f"trainer.{key}={getattr(self, key)} must be >= 0 (0 disables)")
         _require(self.eval_batches > 0, f"trainer.eval_batches={self.eval_batches} must be > 0")
         _require(bool(self.resume), "trainer.resume is empty; use auto, never or a checkpoint directory")
-        export_formats = ("", "hybridlm", "qwen3_next", "qwen3_5_moe")
-        _require(
-            self.export_format in export_formats,
-            f"trainer.export_format={self.export_format!r}; choose one of {export_formats} ('' for no export)",
-        )
-        _require(
-            self.export_dtype in ("bf16", "fp32"),
-            f"trainer.export_dtype={self.export_dtype!r}; choose bf16 or fp32",
-        )
-        _require(
-            not self.export_push_to_hub or bool(self.export_format),
-            f"trainer.export_push_to_hub={self.export_push_to_hub!r} needs trainer.export_format (what to push)",
-        )
-        _require(
-            not self.export_private or bool(self.export_push_to_hub),
-            "trainer.export_private=true needs trainer.export_push_to_hub=ORG/NAME (the repository it makes private)",
-        )
-        # Every value is checked whether or not this run uses it, so a typo never waits for the day it is used.
-        from hybridlm.export.hub import check_repo_id
-        from hybridlm.export.writer import parse_size
-
-        try:
-            parse_size(self.export_shard_size)
-        except ValueError as error:
-            raise ConfigError(f"trainer.export_shard_size: {error}") from None
-        if self.export_push_to_hub:
-            try:
-                check_repo_id(self.export_push_to_hub)
-            except ValueError as error:
-                raise ConfigError(f"trainer.export_push_to_hub: {error}") from None
         _require(
             self.stop_at_step <= self.max_steps,
             f"trainer.stop_at_step={self.stop_at_step} is past trainer.max_steps={self.max_steps}",
@@ -175,6 +145,34 @@ class TrainerConfig:
                 parse_signal(name)
             except ValueError as err:
                 raise ConfigError(f"trainer.preempt_signals: {err}") from None
+        _require(
+            not self.export_push_to_hub or bool(self.export_format),
+            f"trainer.export_push_to_hub={self.export_push_to_hub!r} needs trainer.export_format (what to push)",
+        )
+        _require(
+            not self.export_private or bool(self.export_push_to_hub),
+            "trainer.export_private=true needs trainer.export_push_to_hub=ORG/NAME (the repository it makes private)",
+        )
+        self.export_options()
+
+    def export_options(self):
+        """The end-of-training export's options (hybridlm.export.options.ExportOptions, whose one validator checks
+        them; its errors are re-raised naming the trainer.export_* key); None for no export (export_format ''),
+        whose other values are checked all the same, so a typo never waits for the day it is used."""
+        from hybridlm.export.options import ExportOptionError, ExportOptions
+
+        try:
+            options = ExportOptions(
+                format=self.export_format or "hybridlm",  # '' (no export): check the other values as for any format
+                dtype=self.export_dtype,
+                shard_size=self.export_shard_size,
+                push_to_hub=self.export_push_to_hub or None,
+                private=self.export_private,
+            )
+        except ExportOptionError as error:
+            hint = " ('' for no export)" if error.option == "format" else ""
+            raise ConfigError(f"trainer.export_{error.option}: {error}{hint}") from None
+        return options if self.export_format else None
 
 
 @dataclass
