@@ -20,7 +20,9 @@ def run(*argv: str, timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.parametrize("script", ["train_throughput.py", "decode.py", "plot.py", "../recall.py", "../deepconf.py"])
+@pytest.mark.parametrize(
+    "script", ["train_throughput.py", "decode.py", "plot.py", "../mqar_gdn_vs_hybrid.py", "../deepconf_arithmetic.py"]
+)
 def test_help_works_without_a_gpu(script):
     proc = run(str(BENCH / script), "--help")
     assert proc.returncode == 0, proc.stderr

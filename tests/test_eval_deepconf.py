@@ -275,15 +275,15 @@ def test_per_trace_streams_make_deepconf_cut_the_baselines_own_traces(trained_mo
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("eval_deepconf", REPO / "eval" / "deepconf.py")
+    spec = importlib.util.spec_from_file_location("eval_deepconf", REPO / "eval" / "deepconf_arithmetic.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
 def test_committed_setup_saves_tokens_and_keeps_accuracy():
-    """The committed eval/deepconf.py setting on its first 20 problems: DeepConf-high generates at least 5 % fewer
-    tokens than majority voting with the same N and is at most one problem (0.05) less accurate."""
+    """The committed eval/deepconf_arithmetic.py setting on its first 20 problems: DeepConf-high generates at least
+    5 % fewer tokens than majority voting with the same N and is at most one problem (0.05) less accurate."""
     script = load_script()
     args = script.parse_args(["--problems", "20"])
     threads = torch.get_num_threads()

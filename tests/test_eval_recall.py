@@ -1,4 +1,4 @@
-"""MQAR recall accuracy: scored against oracle models, and the eval/recall.py script end to end with train.py."""
+"""MQAR recall accuracy: scored against oracle models, and eval/mqar_gdn_vs_hybrid.py end to end with train.py."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from hybridlm.evaluate.recall import mqar_accuracy, mqar_sweep
 from hybridlm.model import LMOutput
 
 REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "eval" / "mqar_gdn_vs_hybrid.py"  # the GDN-only vs hybrid experiment driver
 
 
 class RecallOracle(nn.Module):
@@ -67,8 +68,8 @@ def test_sweep_changes_pairs_and_refuses_impossible_settings():
 
 
 def test_script_refuses_pairs_beyond_the_trained_length():
-    proc = subprocess.run([sys.executable, str(REPO / "eval" / "recall.py"), "--curriculum", "4:10", "8:10",
-                           "--eval-kv", "4", "16"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--curriculum", "4:10", "8:10", "--eval-kv", "4", "16"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "--eval-kv [16] exceed the last stage's 8 pairs" in proc.stderr
 
@@ -78,7 +79,7 @@ def test_recall_curriculum_trains_with_train_py_beats_chance_and_matches_the_cli
     out = tmp_path / "mqar"
     runs = tmp_path / "runs"
     proc = subprocess.run(
-        [sys.executable, str(REPO / "eval" / "recall.py"), "--curriculum", "2:100", "4:150", "--eval-kv", "2", "4",
+        [sys.executable, str(SCRIPT), "--curriculum", "2:100", "4:150", "--eval-kv", "2", "4",
          "--vocab-size", "24", "--num-keys", "8", "--eval-examples", "64", "--runs-dir", str(runs),
          "--out", str(out), "--override", "trainer.eval_every=0", "optim.warmup_steps=10",
          "data.mqar.num_examples=2000", "data.mqar.num_val_examples=64"],

@@ -7,8 +7,8 @@ and sampler (warm-up traces, then rounds with early stopping until the vote reac
 accuracy, tokens generated and how well confidence separates right from wrong traces here. Seeded: the same
 command gives the same numbers on the same machine and code. Writes OUT.json and OUT.png.
 
-    python eval/deepconf.py                                   # the small CPU run committed under eval/results/
-    python eval/deepconf.py --digits 3 --steps 1500 --problems 200 --num-traces 64 --num-warmup 16
+    python eval/deepconf_arithmetic.py                         # the small CPU run committed under eval/results/
+    python eval/deepconf_arithmetic.py --digits 3 --steps 1500 --problems 200 --num-traces 64 --num-warmup 16
 """
 
 from __future__ import annotations

@@ -15,8 +15,8 @@ about as many independent key -> value associations as it has key dimensions (k 
 should lose recall once the pairs outnumber them, while the attention layer of the hybrid can look every key up
 exactly at any number of pairs.
 
-    python eval/recall.py                 # the CPU run committed under eval/results/ (~11 min of training on 2 cores)
-    python eval/recall.py --vocab-size 8192 --num-keys 4096 --curriculum 16:4000 64:2000 256:2000:32 \
+    python eval/mqar_gdn_vs_hybrid.py     # the CPU run committed under eval/results/ (~11 min of training, 2 cores)
+    python eval/mqar_gdn_vs_hybrid.py --vocab-size 8192 --num-keys 4096 --curriculum 16:4000 64:2000 256:2000:32 \
         --eval-kv 16 32 64 128 192 256 --seeds 1 2 3 --override model.hidden_size=256 --out eval/results/mqar_gpu
 """
 
