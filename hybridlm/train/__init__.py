@@ -1,4 +1,5 @@
-"""Training: Hydra config schema, DeepSpeed engine, loop, checkpoints and metrics. Entry point: `run(cfg)`.
+"""Training: Hydra config schema, DeepSpeed engine, the step loop and its callbacks (callbacks/), checkpoints and
+metrics. Entry point: `run(cfg)`.
 
 The names below load on first use, so that `hybridlm.train.preemption` can be imported before torch (train.py
 records preemption signals before its heavy imports)."""
