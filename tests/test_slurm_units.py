@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-import torch.multiprocessing as mp
+from helpers.distributed import run_distributed_test
 from helpers.launch import REPO, read_metrics, tiny_run, train, train_command, train_env
 
 from hybridlm.train.checkpoint import complete_checkpoints
@@ -238,29 +237,17 @@ def test_empty_signal_list_watches_nothing(clean_env):
         assert signal.getsignal(signal.SIGUSR1) is before
 
 
-def _agree_worker(rank: int, port: int, flagged_rank: int, results) -> None:
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        handler = PreemptionHandler(["SIGUSR1"]).install()
-        before = handler.agree()
-        if rank == flagged_rank:
-            os.kill(os.getpid(), signal.SIGUSR1)
-        results[rank] = (before, handler.agree(), handler.requested)
-    finally:
-        dist.destroy_process_group()
+def _agree_worker(rank: int, world_size: int, flagged_rank: int) -> tuple[bool, bool, bool]:
+    handler = PreemptionHandler(["SIGUSR1"]).install()
+    before = handler.agree()
+    if rank == flagged_rank:
+        os.kill(os.getpid(), signal.SIGUSR1)
+    return before, handler.agree(), handler.requested
 
 
 def test_agree_stops_every_rank_when_one_rank_was_signalled():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    with mp.Manager() as manager:
-        results = manager.dict()
-        mp.spawn(_agree_worker, args=(port, 1, results), nprocs=2, join=True)
-        assert dict(results) == {0: (False, True, False), 1: (False, True, True)}
+    results = run_distributed_test(_agree_worker, world_size=2, func_args=(1,))
+    assert results == [(False, True, False), (False, True, True)]
 
 
 # --- requeue -----------------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from helpers.distributed import run_distributed_test
 from test_moe_oracle import rel_err
 
 from hybridlm.config import MoEConfig
@@ -126,29 +126,22 @@ def test_counts_are_all_reduced_only_when_training_needs_them(monkeypatch, train
 TOKENS_PER_RANK = 24
 
 
-def _rank_router_loss_grads(rank: int, init_file: str, results) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    try:
-        x = tokens(2 * TOKENS_PER_RANK)[rank * TOKENS_PER_RANK : (rank + 1) * TOKENS_PER_RANK]
-        aux, _, aux_grad, _, counts = router_loss_grads(make_layer(), x)
-        # What data-parallel training does with the gradients and what the trainer logs as the loss.
-        dist.all_reduce(aux_grad)
-        dist.all_reduce(aux)
-        results[rank] = (aux / 2, aux_grad / 2, counts)
-    finally:
-        dist.destroy_process_group()
+def _rank_router_loss_grads(rank: int, world_size: int):
+    x = tokens(world_size * TOKENS_PER_RANK)[rank * TOKENS_PER_RANK : (rank + 1) * TOKENS_PER_RANK]
+    aux, _, aux_grad, _, counts = router_loss_grads(make_layer(), x)
+    # What data-parallel training does with the gradients and what the trainer logs as the loss.
+    dist.all_reduce(aux_grad)
+    dist.all_reduce(aux)
+    return aux / world_size, aux_grad / world_size, counts
 
 
-def test_aux_loss_on_two_ranks_equals_one_process_on_their_concatenated_tokens(tmp_path):
+def test_aux_loss_on_two_ranks_equals_one_process_on_their_concatenated_tokens():
     """2 gloo ranks x T tokens: the rank-averaged aux loss and router-weight gradient, and the (global) counts, equal
     a single process's on the 2T tokens. Guards the all-reduce of the counts: without it each rank's f_e would
     cover only its own tokens."""
-    with mp.Manager() as manager:
-        results = manager.dict()
-        mp.spawn(_rank_router_loss_grads, args=(str(tmp_path / "init"), results), nprocs=2, join=True)
-        results = dict(results)
+    results = run_distributed_test(_rank_router_loss_grads, world_size=2)
     aux, _, aux_grad, _, counts = router_loss_grads(make_layer(), tokens(2 * TOKENS_PER_RANK))
-    for rank_aux, rank_grad, rank_counts in results.values():
+    for rank_aux, rank_grad, rank_counts in results:
         assert rank_counts.tolist() == counts.tolist()
         torch.testing.assert_close(rank_aux, aux, rtol=1e-12, atol=0)
         torch.testing.assert_close(rank_grad, aux_grad, rtol=1e-10, atol=1e-14)
