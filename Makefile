@@ -17,12 +17,16 @@ PYTEST_ARGS ?=
 # The lock (requirements/lock-*.txt): the exact versions `make test` passed with, one file per torch build.
 LOCK := requirements/lock-$(if $(HAS_CUDA),cuda,cpu).txt
 LOCKED_PIP := python3 requirements/lock.py install --venv $(VENV) --lock $(LOCK) --
-# `make test-latest` / `make lock`: a separate venv of the newest releases within pyproject's ranges. torch stays the
-# CPU build on a CPU machine (PyPI's newest torch is a multi-GB CUDA build); override LATEST_TORCH to move it.
-LATEST_VENV := .venv-latest
-LATEST_TORCH ?= $(if $(HAS_CUDA),torch,torch==2.13.0+cpu)
+# A fresh venv $(1) of the newest releases within pyproject's ranges, with torch as $(2) asks.
+define fresh_venv
+	rm -rf $(1) && python3 -m venv $(1)
+	$(1)/bin/python -m pip install -q --upgrade pip setuptools wheel
+	$(1)/bin/python -m pip install -q --upgrade --upgrade-strategy eager --no-build-isolation -e '.[dev]' '$(2)'
+endef
+# The torch the CPU lock is made with (its CUDA twin is resolved from it); the newest CPU build you can get.
+LOCK_TORCH ?= torch==2.13.0+cpu
 
-.PHONY: install install-dev smoke test test-gpu gpu-kit test-latest lock latest-venv clean
+.PHONY: install install-dev smoke test test-gpu gpu-kit test-latest lock clean
 
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
@@ -52,19 +56,16 @@ test-gpu: install-dev
 gpu-kit: install-dev
 	$(PY) eval/bench/gpu_kit.py
 
-# Drift check, not in CI: today's releases (no lock) against the fast CPU tests, to see the next upstream break first.
-test-latest: latest-venv
-	$(LATEST_VENV)/bin/python -m pytest -m "not slow and not slurm and not gpu" $(PYTEST_ARGS)
+# Drift check, not in CI: today's releases of everything (no lock; on Linux PyPI's newest torch is a CUDA build of
+# several GB, CPU machine or not) against the fast CPU tests, to see the next upstream break first.
+test-latest:
+	$(call fresh_venv,.venv-latest,torch)
+	.venv-latest/bin/python -m pytest -m "not slow and not slurm and not gpu" $(PYTEST_ARGS)
 
 # Regenerate both lock files from a fresh venv of the newest releases; then `make clean test` before committing them.
-lock: latest-venv
-	python3 requirements/lock.py write --venv $(LATEST_VENV)
-
-latest-venv:
-	rm -rf $(LATEST_VENV) && python3 -m venv $(LATEST_VENV)
-	$(LATEST_VENV)/bin/python -m pip install -q --upgrade pip setuptools wheel
-	$(LATEST_VENV)/bin/python -m pip install -q $(LATEST_TORCH)
-	$(LATEST_VENV)/bin/python -m pip install -q --upgrade --upgrade-strategy eager --no-build-isolation -e '.[dev]'
+lock:
+	$(call fresh_venv,.venv-lock,$(LOCK_TORCH))
+	python3 requirements/lock.py write --venv .venv-lock
 
 clean:
-	rm -rf $(VENV) $(LATEST_VENV) outputs runs
+	rm -rf $(VENV) .venv-latest .venv-lock outputs runs
