@@ -19,8 +19,8 @@ from dataclasses import replace  # noqa: E402
 from hybridlm import ops  # noqa: E402
 from hybridlm.config import GatedDeltaNetConfig  # noqa: E402
 from hybridlm.kernels.gated_delta import chunk_gated_delta_rule, prepare_chunk_layout  # noqa: E402
+from hybridlm.kernels.tolerances import rel_err  # noqa: E402
 from hybridlm.layers.gated_deltanet import GatedDeltaNet  # noqa: E402
-from test_gated_delta_reference import rel_err  # noqa: E402
 
 DEVICE = "cpu" if INTERPRET else "cuda"
 # Two fp32 implementations of the same layer: each within ~1e-6 of float64, so their difference is too.

@@ -15,7 +15,7 @@ from hybridlm.kernels.gated_delta import (
     fused_recurrent_gated_delta_rule_ref,
     naive_recurrent_gated_delta_rule,
 )
-from hybridlm.kernels.tolerances import rel_err  # the GDN tests import it from here
+from hybridlm.kernels.tolerances import rel_err
 
 # float64 chunked vs token loop: only round-off differs, so the bound is tight.
 FLOAT64_REL_TOL = 1e-10

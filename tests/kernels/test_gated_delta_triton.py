@@ -10,6 +10,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.gated_delta_inputs import BF16_REL_TOL, DEVICE, FP16_REL_TOL, FP32_REL_TOL, make_inputs
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 if not INTERPRET and not torch.cuda.is_available():
@@ -22,33 +23,7 @@ from hybridlm.kernels.gated_delta import (  # noqa: E402
     naive_recurrent_gated_delta_rule,
 )
 from hybridlm.kernels.gated_delta.chunk import token_rows  # noqa: E402
-from hybridlm.kernels.tolerances import GDN_REL_TOL  # noqa: E402
-from test_gated_delta_reference import rel_err  # noqa: E402
-
-DEVICE = "cpu" if INTERPRET else "cuda"
-# The bounds (and why each is what it is) live in hybridlm.kernels.tolerances, shared with `hybridlm doctor`.
-FP32_REL_TOL, BF16_REL_TOL, FP16_REL_TOL = (GDN_REL_TOL[t] for t in (torch.float32, torch.bfloat16, torch.float16))
-
-
-def make_inputs(B, T, H, HV, K, V, *, N=None, dtype=torch.float32, seed=0, raw_gates=False, with_state=True,
-                dt_bias=True):
-    gen = torch.Generator().manual_seed(seed)
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=gen, dtype=torch.float32)
-
-    inputs = {"q": randn(B, T, H, K), "k": F.normalize(randn(B, T, H, K), dim=-1), "v": randn(B, T, HV, V)}
-    if raw_gates:
-        inputs.update(a=randn(B, T, HV), A_log=randn(HV) * 0.5, b=randn(B, T, HV))
-        if dt_bias:
-            inputs["dt_bias"] = randn(HV)
-    else:
-        inputs.update(g=F.logsigmoid(randn(B, T, HV) + 2.0), beta=torch.sigmoid(randn(B, T, HV)))
-    if with_state:
-        inputs["initial_state"] = randn(N or B, HV, K, V) * 0.5
-    return {n: t.to(DEVICE, dtype if n in ("q", "k", "v") else torch.float32).requires_grad_() for n, t in
-            inputs.items()}
-
+from hybridlm.kernels.tolerances import rel_err  # noqa: E402
 
 def with_model_init_gates(inputs, seed=0):
     """The model's own initial decay range at its widest: A = exp(A_log) = 16, a ~ N(0, 3), so g spans [-126, 0]

@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from test_moe_oracle import forward_backward, moe_loop, random_moe_inputs, rel_err
+from helpers.moe_oracle import forward_backward, moe_loop, random_moe_inputs
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 if not (INTERPRET or torch.cuda.is_available()):
@@ -27,7 +27,7 @@ from hybridlm.kernels.moe.grouped_gemm import (  # noqa: E402
     expert_weight_grad,
 )
 from hybridlm.kernels.moe.permute import permute_by_expert  # noqa: E402
-from hybridlm.kernels.tolerances import MOE_CHOICE_FLIP_FRACTION, MOE_MAX_REL_TOL  # noqa: E402
+from hybridlm.kernels.tolerances import MOE_CHOICE_FLIP_FRACTION, MOE_MAX_REL_TOL, max_rel_err  # noqa: E402
 
 DEVICE = "cpu" if INTERPRET else "cuda"
 FP32_TOL = MOE_MAX_REL_TOL[torch.float32]
@@ -74,7 +74,7 @@ def test_router_forward_and_grad_to_logits(score_func, renormalize, top_k):
              (out.loss_stats.probability_sums, expected.loss_stats.probability_sums),
              (dx, dx_exp), (drouter, drouter_exp)]  # fmt: skip
     for actual, wanted in pairs:
-        assert rel_err(actual.cpu(), wanted) <= FP32_TOL
+        assert max_rel_err(actual.cpu(), wanted) <= FP32_TOL
 
 
 def test_router_gemm_keeps_16bit_x_and_gives_fp32_logits():
@@ -92,8 +92,8 @@ def test_router_gemm_keeps_16bit_x_and_gives_fp32_logits():
     x64, router64 = (t.detach().double().requires_grad_() for t in (x, router_weight))
     logits = x64 @ router64.T
     logits.backward(dlogits)
-    assert rel_err(out.router_logits.cpu(), logits.detach()) <= 1e-6  # exact bf16 products, fp32 sums
-    assert rel_err(x_dev.grad.cpu(), x64.grad) <= 1e-2 and rel_err(router_dev.grad.cpu(), router64.grad) <= 1e-2
+    assert max_rel_err(out.router_logits.cpu(), logits.detach()) <= 1e-6  # exact bf16 products, fp32 sums
+    assert max_rel_err(x_dev.grad.cpu(), x64.grad) <= 1e-2 and max_rel_err(router_dev.grad.cpu(), router64.grad) <= 1e-2
 
 
 def test_sparse_moe_saves_neither_activation_nor_expert_outputs():
@@ -189,7 +189,7 @@ def test_expert_rows_gemm_plain(transpose_weight, gather, scaled):
     (out,) = run_rows_gemm(a, weight, transpose_weight, sorted_to_pair, gather=gather, pair_weights=scale)
     expected = rows_gemm_expected(a.float().double(), weight.float().double(), transpose_weight, sorted_to_pair,
                                   gather, scale.float().double() if scaled else None)  # fmt: skip
-    assert rel_err(out.cpu(), expected) <= FP32_TOL
+    assert max_rel_err(out.cpu(), expected) <= FP32_TOL
 
 
 def test_expert_rows_gemm_swiglu_forward_and_backward():
@@ -201,8 +201,8 @@ def test_expert_rows_gemm_swiglu_forward_and_backward():
     pre, act = run_rows_gemm(x, gate_up, True, sorted_to_pair, gather=True, epilogue=EPILOGUE_SWIGLU)
     pre_exp = rows_gemm_expected(x.double(), gate_up.double(), True, sorted_to_pair, True, None)
     gate, up = pre_exp.split(intermediate, dim=1)
-    assert rel_err(pre.cpu(), pre_exp) <= FP32_TOL
-    assert rel_err(act.cpu(), F.silu(gate) * up) <= FP32_TOL
+    assert max_rel_err(pre.cpu(), pre_exp) <= FP32_TOL
+    assert max_rel_err(act.cpu(), F.silu(gate) * up) <= FP32_TOL
 
     # Backward epilogue: d(act) = w * dy[token] @ down_e, then through silu(gate) * up.
     dy = torch.randn(OP_TOKENS, hidden, generator=generator, dtype=torch.float64).float()
@@ -211,7 +211,7 @@ def test_expert_rows_gemm_swiglu_forward_and_backward():
     gate, up = (t.double().requires_grad_() for t in pre.cpu().split(intermediate, dim=1))
     dact = rows_gemm_expected(dy.double(), down.double(), False, sorted_to_pair, True, pair_weights.float().double())
     dgate, dup = torch.autograd.grad(F.silu(gate) * up, (gate, up), dact)
-    assert rel_err(dpre.cpu(), torch.cat([dgate, dup], dim=1)) <= FP32_TOL
+    assert max_rel_err(dpre.cpu(), torch.cat([dgate, dup], dim=1)) <= FP32_TOL
 
     # The routing-weight gradient from the unweighted backward: dL/dw = <dy[token] @ down_e, act> per pair.
     (dpre_unweighted,) = run_rows_gemm(dy, down, False, sorted_to_pair, gather=True,
@@ -221,7 +221,7 @@ def test_expert_rows_gemm_swiglu_forward_and_backward():
     dact = rows_gemm_expected(dy.double(), down.double(), False, sorted_to_pair, True, None)
     by_sorted_row = (dact * (F.silu(gate) * up)).sum(dim=1)
     assert dweights.dtype == torch.float32 and dweights.shape == (OP_TOKENS, OP_TOP_K)
-    assert rel_err(dweights.cpu(), by_sorted_row[pair_to_sorted].view(OP_TOKENS, OP_TOP_K)) <= FP32_TOL
+    assert max_rel_err(dweights.cpu(), by_sorted_row[pair_to_sorted].view(OP_TOKENS, OP_TOP_K)) <= FP32_TOL
 
 
 @pytest.mark.parametrize(
@@ -250,7 +250,7 @@ def test_expert_weight_grad(gather_left, scaled, gather_right, right_swiglu):
     expected = torch.zeros(len(OP_COUNTS), n, k, dtype=torch.float64)
     for expert, rows in expert_slices():
         expected[expert] = left_rows[rows].T @ right_rows[rows]
-    assert rel_err(out.cpu(), expected) <= FP32_TOL
+    assert max_rel_err(out.cpu(), expected) <= FP32_TOL
     assert not out[[1, 4]].any(), "experts without rows must get a zero gradient"
 
 
@@ -263,8 +263,8 @@ def test_combine():
     rows_d, weights_d, pos_d = on_device(rows, weights, pair_to_sorted.to(torch.int32))
     by_pair = rows.double()[pair_to_sorted].view(OP_TOKENS, OP_TOP_K, hidden)
     out = combine(rows_d, pos_d, OP_TOP_K, weights_d, torch.float32)
-    assert rel_err(out.cpu(), (by_pair * weights.double().view(OP_TOKENS, OP_TOP_K, 1)).sum(1)) <= FP32_TOL
-    assert rel_err(combine(rows_d, pos_d, OP_TOP_K, None, torch.float32).cpu(), by_pair.sum(1)) <= FP32_TOL
+    assert max_rel_err(out.cpu(), (by_pair * weights.double().view(OP_TOKENS, OP_TOP_K, 1)).sum(1)) <= FP32_TOL
+    assert max_rel_err(combine(rows_d, pos_d, OP_TOP_K, None, torch.float32).cpu(), by_pair.sum(1)) <= FP32_TOL
 
 
 # ---------------------------------------------------------------- whole path
@@ -313,9 +313,9 @@ def test_sparse_moe_matches_float64_loop(case):
         assert out.counts[case["heavy"]] >= 0.75 * case["num_tokens"]
     outputs = zip([out.y, out.logits, *out.loss_stats], [expected.y, expected.logits, *expected.loss_stats])
     for actual, wanted in outputs:
-        assert rel_err(actual.cpu(), wanted) <= FP32_TOL
+        assert max_rel_err(actual.cpu(), wanted) <= FP32_TOL
     for name, grad, grad_exp in zip(GRAD_NAMES, out.grads, expected.grads):
-        assert rel_err(grad.cpu(), grad_exp) <= FP32_TOL, f"d{name}"
+        assert max_rel_err(grad.cpu(), grad_exp) <= FP32_TOL, f"d{name}"
 
 
 def assert_bitwise_equal(first, second):
@@ -368,9 +368,9 @@ def test_sparse_moe_bf16_on_gpu(case):
     # bf16 rounding of logits can flip near-tied choices; nearly all must agree.
     assert (out.counts.cpu() - expected.counts).abs().sum() <= MOE_CHOICE_FLIP_FRACTION * expected.counts.sum()
     for actual, wanted in zip([out.y, *out.loss_stats], [expected.y, *expected.loss_stats]):
-        assert rel_err(actual.cpu(), wanted) <= MOE_MAX_REL_TOL[torch.bfloat16]
+        assert max_rel_err(actual.cpu(), wanted) <= MOE_MAX_REL_TOL[torch.bfloat16]
     for name, grad, grad_exp in zip(GRAD_NAMES, out.grads, expected.grads):
-        assert rel_err(grad.cpu(), grad_exp) <= MOE_MAX_REL_TOL[torch.bfloat16], f"d{name}"
+        assert max_rel_err(grad.cpu(), grad_exp) <= MOE_MAX_REL_TOL[torch.bfloat16], f"d{name}"
 
 
 @pytest.mark.gpu
