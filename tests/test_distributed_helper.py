@@ -46,6 +46,21 @@ def test_a_ranks_exception_fails_with_its_traceback():
     assert time.monotonic() - started < 30  # rank 0, blocked in a barrier, was killed, not waited for
 
 
+def _fail_on_both_ranks_rank_one_later(rank: int, world_size: int) -> None:
+    if rank == 1:
+        time.sleep(1.0)  # the cause reports after its consequence, as when a peer's collective fails first
+        raise ValueError("planted cause on rank 1")
+    raise RuntimeError("planted consequence on rank 0")
+
+
+def test_every_rank_that_raised_is_named_not_only_the_first_to_report():
+    with pytest.raises(RankFailed) as failure:
+        run_distributed_test(_fail_on_both_ranks_rank_one_later, timeout_s=60)
+    message = str(failure.value)
+    assert "rank 0 of 2 raised:" in message and "planted consequence on rank 0" in message
+    assert "rank 1 of 2 raised:" in message and "planted cause on rank 1" in message
+
+
 def test_a_rank_that_dies_silently_is_named():
     with pytest.raises(RankFailed, match="rank 1 of 2 exited with code 3 without returning or raising"):
         run_distributed_test(_exit_on_rank_one, timeout_s=60)

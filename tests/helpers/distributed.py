@@ -21,6 +21,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 HOST = "127.0.0.1"
+RAISE_GRACE_S = 5.0  # after a rank raised, how long the others may take to report theirs
 
 
 class RankFailed(AssertionError):
@@ -47,9 +48,9 @@ def run_distributed_test(func: Callable[..., Any], world_size: int = 2, backend:
                          func_args: tuple = (), timeout_s: float = 120.0) -> list[Any]:
     """Run `func(rank, world_size, *func_args)` in `world_size` spawned processes with a `backend` process group
     initialised, and return the ranks' return values in rank order. `func` must be a module-level function (spawned
-    processes import it by name). Any rank's exception, a rank that dies, or ranks still running after `timeout_s`
-    fail the test naming the rank (with the remote traceback); the other ranks are then killed, so none is left
-    waiting in a collective."""
+    processes import it by name). Ranks that raise (every one that reports within RAISE_GRACE_S of the first, each
+    with its remote traceback), a rank that dies, or ranks still running after `timeout_s` fail the test naming the
+    rank; the other ranks are then killed, so none is left waiting in a collective."""
     context = mp.get_context("spawn")
     store = dist.TCPStore(HOST, 0, world_size + 1, is_master=True, wait_for_workers=False,
                           timeout=timedelta(seconds=timeout_s))
@@ -62,13 +63,26 @@ def run_distributed_test(func: Callable[..., Any], world_size: int = 2, backend:
     for process in processes:
         process.start()
     returned: dict[int, Any] = {}
+    raised: dict[int, str] = {}  # rank -> traceback, in the order they arrived
     deadline = time.monotonic() + timeout_s
+    grace_end = None
     try:
-        while len(returned) < world_size:
+        while len(returned) + len(raised) < world_size:
             try:
-                _receive(messages.get(timeout=0.2), returned, world_size)
+                _receive(messages.get(timeout=0.2), returned, raised)
             except queue.Empty:
-                _check_progress(processes, messages, returned, deadline, timeout_s)
+                if grace_end is None:
+                    _check_progress(processes, messages, returned, raised, deadline, timeout_s)
+            if raised and grace_end is None:
+                # The rank that raised first is not always the first to report: its peers' collectives fail
+                # ("Connection reset by peer") as soon as it tears its group down. Give every rank a moment to
+                # report, then name all that raised, so the cause is in the message with its consequences.
+                grace_end = time.monotonic() + RAISE_GRACE_S
+            if grace_end is not None and time.monotonic() > grace_end:
+                break
+        if raised:
+            raise RankFailed("\n".join(f"rank {rank} of {world_size} raised:\n{trace}"
+                                        for rank, trace in raised.items()))
         for process in processes:
             process.join(timeout=max(1.0, deadline - time.monotonic()))
     finally:
@@ -79,25 +93,24 @@ def run_distributed_test(func: Callable[..., Any], world_size: int = 2, backend:
     return [returned[rank] for rank in range(world_size)]
 
 
-def _receive(message: tuple[int, bytes], returned: dict[int, Any], world_size: int) -> None:
+def _receive(message: tuple[int, bytes], returned: dict[int, Any], raised: dict[int, str]) -> None:
     rank, payload = message
     status, value = pickle.loads(payload)
-    if status == "error":
-        raise RankFailed(f"rank {rank} of {world_size} raised:\n{value}")
-    returned[rank] = value
+    (raised if status == "error" else returned)[rank] = value
 
 
-def _check_progress(processes, messages, returned: dict[int, Any], deadline: float, timeout_s: float) -> None:
+def _check_progress(processes, messages, returned: dict[int, Any], raised: dict[int, str], deadline: float,
+                    timeout_s: float) -> None:
     """While no message comes: fail for a rank that exited without reporting, or once the deadline has passed."""
     world_size = len(processes)
     for rank, process in enumerate(processes):
-        if rank not in returned and process.exitcode is not None:
+        if rank not in returned and rank not in raised and process.exitcode is not None:
             try:  # its message may still be in flight
-                _receive(messages.get(timeout=1.0), returned, world_size)
+                _receive(messages.get(timeout=1.0), returned, raised)
                 return
             except queue.Empty:
                 raise RankFailed(f"rank {rank} of {world_size} exited with code {process.exitcode} without returning "
                                  "or raising (killed, or os._exit)") from None
     if time.monotonic() > deadline:
-        pending = [rank for rank in range(world_size) if rank not in returned]
+        pending = [rank for rank in range(world_size) if rank not in returned and rank not in raised]
         raise RankFailed(f"rank(s) {pending} of {world_size} did not finish within {timeout_s:g} s")
