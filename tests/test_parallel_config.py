@@ -34,6 +34,15 @@ def test_expert_parallelism_under_zero3_is_refused_with_the_fix():
     with pytest.raises(ConfigError, match=r"zero_stage=3.*use deepspeed=zero2"):
         load("deepspeed=zero3", "parallel.expert_parallel_size=2")
     assert load("deepspeed=zero3", "model.mlp_pattern=D", "parallel.expert_parallel_size=2")
+    with pytest.raises(ConfigError, match=r"zero_stage=0.*clip_grad_norm_.*use deepspeed=zero1 or deepspeed=zero2"):
+        load("deepspeed=zero0", "parallel.expert_parallel_size=2")
+
+
+def test_world_size_must_be_a_multiple_of_the_expert_parallel_size():
+    cfg = load("model.moe.num_experts=8", "parallel.expert_parallel_size=4")
+    cfg.parallel.check_world_size(cfg.model, 8)
+    with pytest.raises(ConfigError, match=r"expert_parallel_size=4 does not divide the world size 6.*multiple of 4"):
+        cfg.parallel.check_world_size(cfg.model, 6)
 
 
 def test_context_parallelism_is_refused_until_implemented():

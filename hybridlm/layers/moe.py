@@ -14,6 +14,7 @@ the training loop clears them after every optimizer step (`after_optimizer_step`
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -22,6 +23,9 @@ from torch import nn
 from hybridlm import ops
 from hybridlm.config import MoEConfig
 from hybridlm.layers.mlp import SwiGLU
+
+if TYPE_CHECKING:
+    from hybridlm.parallel.groups import ExpertParallelGroup
 
 
 @dataclass
@@ -68,6 +72,9 @@ class SparseMoE(nn.Module):
         self.cfg = cfg
         self.gate = nn.Linear(hidden_size, cfg.num_experts, bias=False)  # the router
         self.experts = Experts(cfg.num_experts, hidden_size, cfg.intermediate_size)
+        # Set by hybridlm.parallel.expert.shard_experts: this rank then holds only its experts' slice and the
+        # forward dispatches tokens to their experts' ranks by all-to-all.
+        self.expert_parallel: ExpertParallelGroup | None = None
         if cfg.shared_expert_intermediate_size:
             self.shared_expert = SwiGLU(hidden_size, cfg.shared_expert_intermediate_size)
             self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False)
@@ -102,17 +109,15 @@ class SparseMoE(nn.Module):
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])
         bias = self.expert_bias.float() if cfg.selection_bias else None
-        routed = ops.sparse_moe(
-            tokens,
-            self.gate.weight,
-            self.experts.gate_up_proj,
-            self.experts.down_proj,
-            cfg.top_k,
-            score_func=cfg.score_func,
-            renormalize=cfg.renormalize,
-            selection_bias=bias,
-            backend=cfg.backend,
-        )
+        routed_args = (tokens, self.gate.weight, self.experts.gate_up_proj, self.experts.down_proj, cfg.top_k)
+        routed_kwargs = dict(score_func=cfg.score_func, renormalize=cfg.renormalize, selection_bias=bias,
+                             backend=cfg.backend)  # fmt: skip
+        if self.expert_parallel is not None:
+            from hybridlm.parallel.expert import expert_parallel_moe
+
+            routed = expert_parallel_moe(*routed_args, self.expert_parallel, **routed_kwargs)
+        else:
+            routed = ops.sparse_moe(*routed_args, **routed_kwargs)
         y, counts, loss_stats = routed.y, routed.expert_counts, routed.loss_stats
         if cfg.shared_expert_intermediate_size:
             y = y + torch.sigmoid(self.shared_expert_gate(tokens)) * self.shared_expert(tokens)

@@ -47,11 +47,6 @@ class ParallelConfig:
 
     def check_world_size(self, model: ModelConfig, world_size: int) -> None:
         ep = self.expert_parallel_size_for(model)
-        if ep > 1:
-            raise ConfigError(
-                f"parallel.expert_parallel_size={ep}: expert-parallel dispatch is not implemented yet; "
-                "use parallel.expert_parallel_size=1"
-            )
         if world_size % ep:
             raise ConfigError(
                 f"parallel.expert_parallel_size={ep} does not divide the world size {world_size} (ranks launched): "

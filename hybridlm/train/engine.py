@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from hybridlm.parallel.groups import build_parallel_groups
 from hybridlm.train.config import DeepSpeedConfig, OptimConfig, TrainConfig
 from hybridlm.train.distributed import export_torch_env_from_scheduler
 from hybridlm.train.schedule import build_scheduler
@@ -120,12 +121,24 @@ def build_engine(model: torch.nn.Module, cfg: TrainConfig, info: DistInfo):
     """Wrap `model` (a HybridLM) in a DeepSpeed engine with torch AdamW, which runs the model's optimizer-step hook,
     and the configured lr schedule (stepped by the engine)."""
     import deepspeed
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
+    groups = build_parallel_groups(cfg.parallel, cfg.model)
+    param_groups = model.param_groups(cfg.optim.weight_decay)
+    if groups.expert is not None:  # after init_from and any embedding resize: they see the full experts
+        from hybridlm.parallel.expert import shard_experts
+
+        shard_experts(model, groups.expert)
+        # Expert shards in groups of their own (DeepSpeed names them after the group and the expert-parallel
+        # group), which ZeRO 1/2 partition over the expert-data-parallel group.
+        named = [{**group, "name": name} for group, name in zip(model.param_groups(cfg.optim.weight_decay),
+                                                                 ("decay", "no_decay"))]  # fmt: skip
+        param_groups = split_params_into_different_moe_groups_for_optimizer(named)
     if cfg.deepspeed.zero_stage == 3:
         prepare_for_zero3(model)
     optim = cfg.optim
     optimizer = torch.optim.AdamW(
-        model.param_groups(optim.weight_decay),
+        param_groups,
         lr=optim.lr,
         betas=tuple(optim.betas),
         eps=optim.eps,
