@@ -76,7 +76,8 @@ def _local_experts(rows: torch.Tensor, local_ids: torch.Tensor, gate_up: torch.T
 def expert_parallel_moe(x, router_weight, gate_up, down, top_k, ep: ExpertParallelGroup, *, score_func="softmax",
                         renormalize=True, selection_bias=None, backend="auto"):
     """The routed MoE path with this rank's experts only (`gate_up` [E_local, 2I, H], `down` [E_local, H, I]):
-    the `SparseMoEOutput` `ops.sparse_moe` returns for the full expert set (expert counts of this rank's tokens). Every rank of `ep.group` must call it (collectives)."""
+    the `SparseMoEOutput` `ops.sparse_moe` returns for the full expert set (expert counts of this rank's tokens).
+    Every rank of `ep.group` must call it (collectives)."""
     num_tokens, hidden = x.shape
     backend = MOE.resolve(backend, x.device)
     if backend not in EXPERT_PARALLEL_BACKENDS:
