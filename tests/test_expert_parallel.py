@@ -105,3 +105,63 @@ def test_sharded_moe_layer_matches_all_experts_on_every_rank(layer_results, case
         assert full["shapes"]["experts.gate_up_proj"] == (8, 24, HIDDEN)
     if case == "skewed_empty_rank":  # the case did leave rank 1's experts without tokens
         assert layer_results[case][0]["full"]["counts"][4:].sum() == 0
+
+
+# --- training through train.py: DeepSpeed ZeRO 2 on 2 gloo ranks ---------------------------------------------------
+
+STEPS = 6
+
+
+def _train_overrides(cache, ep: int) -> list[str]:
+    from helpers.launch import tiny_run
+
+    return tiny_run(cache) + [
+        f"trainer.max_steps={STEPS}", "deepspeed=zero2", "deepspeed.micro_batch_size=2", "deepspeed.grad_accum_steps=2",
+        f"parallel.expert_parallel_size={ep}", "trainer.kernel_check=false",
+        # every balancing path: step-scoped aux loss over accumulated micro-batches, a selection bias, sigmoid
+        # scores; clipping that engages (the norm must count every expert once)
+        "model.moe.aux_loss_scope=step", "model.moe.selection_bias=true", "model.moe.bias_update_rate=0.01",
+        "model.moe.score_func=sigmoid", "optim.grad_clip=0.2",
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def ep_runs(tmp_path_factory, data_cache):
+    from helpers.launch import train
+
+    root = tmp_path_factory.mktemp("ep")
+    runs = {"ep1": root / "ep1", "ep2": root / "ep2", "ep2_resumed": root / "ep2_resumed"}
+    train(runs["ep1"], _train_overrides(data_cache, 1), nproc=2)
+    train(runs["ep2"], _train_overrides(data_cache, 2), nproc=2)
+    train(runs["ep2_resumed"], _train_overrides(data_cache, 2) + ["trainer.stop_at_step=3"], nproc=2)
+    train(runs["ep2_resumed"], _train_overrides(data_cache, 2), nproc=2)
+    return runs
+
+
+def test_expert_parallel_training_matches_data_parallel_and_resumes_bitwise(ep_runs):
+    from helpers.launch import read_metrics
+
+    ep1, ep2, resumed = (read_metrics(ep_runs[k]) for k in ("ep1", "ep2", "ep2_resumed"))
+    assert sorted(ep2) == list(range(1, STEPS + 1))
+    for step in ep2:
+        for key in ("loss", "aux_loss", "z_loss", "grad_norm"):
+            assert ep2[step][key] == pytest.approx(ep1[step][key], rel=1e-5), (step, key)
+        assert resumed[step]["loss"] == ep2[step]["loss"], step  # bitwise
+    assert max(ep2[s]["grad_norm"] for s in ep2) > 0.2  # clipping engaged
+
+
+def test_expert_parallel_checkpoint_reads_back_the_full_experts(ep_runs):
+    from hybridlm.export.checkpoint import read_checkpoint
+    from hybridlm.model import HybridLM
+    from hybridlm.parallel.checkpoint import check_resume_expert_parallel_size, read_expert_parallel_size
+
+    sharded, plain = read_checkpoint(ep_runs["ep2"]), read_checkpoint(ep_runs["ep1"])
+    engine_dir = sharded.source
+    assert read_expert_parallel_size(engine_dir) == 2
+    assert sharded.state_dict.keys() == plain.state_dict.keys()
+    for name, tensor in plain.state_dict.items():
+        assert sharded.state_dict[name].shape == tensor.shape, name  # the full [E, ...] experts
+        torch.testing.assert_close(sharded.state_dict[name].float(), tensor.float(), rtol=1e-4, atol=1e-5, msg=name)
+    HybridLM(sharded.config).load_state_dict(sharded.state_dict, strict=True)
+    with pytest.raises(ValueError, match=r"expert_parallel_size=2 but this run has .*expert_parallel_size=1"):
+        check_resume_expert_parallel_size(engine_dir, 1)

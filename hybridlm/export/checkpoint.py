@@ -23,6 +23,7 @@ import torch
 from hybridlm.config import ConfigError, ModelConfig
 from hybridlm.export.formats import ExportError, expected_shapes, expert_layout_of, format_for_model_type
 from hybridlm.model import HybridLM
+from hybridlm.parallel.checkpoint import EXPERT_SHARD_FILE, read_expert_shards
 from hybridlm.train.checkpoint import CHECKPOINTS, checkpoints_root, complete_checkpoints
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -159,9 +160,22 @@ def _read_hf_dir(directory: Path) -> Checkpoint:
 def _read_deepspeed(tag_dir: Path) -> Checkpoint:
     config, config_path = _find_run_config(tag_dir)
     zero_shards = sorted(tag_dir.glob("*zero_pp_rank_*_optim_states.pt"))
-    model_states_path = next(iter(sorted(tag_dir.glob("*model_states.pt"))))
+    # Not an expert-parallel rank's expert shard (layer_L_expert_R_mp_rank_00_model_states.pt) beside it.
+    model_states_path = next(p for p in sorted(tag_dir.glob("*model_states.pt")) if not EXPERT_SHARD_FILE.match(p.name))
     model_states = _torch_load(model_states_path)
-    if zero_shards:
+    try:
+        experts, expert_parallel_size = read_expert_shards(tag_dir)
+    except ValueError as error:
+        raise ExportError(str(error)) from error
+    if expert_parallel_size > 1:
+        # Expert parallelism (ZeRO 1/2 only): zero_to_fp32 cannot consolidate optimizer partitions cut per
+        # expert-data-parallel group, so the weights are the module's: DP rank 0's for the rest, every
+        # expert-parallel rank's files for the experts (hybridlm/parallel/checkpoint.py).
+        module = model_states.get("module")
+        if not isinstance(module, dict):
+            raise ExportError(f"{model_states_path} has no 'module' state dict; is it a DeepSpeed checkpoint?")
+        state = {_strip_wrappers(k): v for k, v in {**module, **experts}.items()}
+    elif zero_shards:
         # ZeRO-1/2/3: the fp32 master weights live in the optimizer partitions; DeepSpeed consolidates them.
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 

@@ -1,7 +1,8 @@
 """Atomic, resumable checkpoints under `out_dir/checkpoints/`.
 
     step_00000500/
-      engine/                      DeepSpeed: model, optimizer and lr-scheduler states (ZeRO shards per rank)
+      engine/                      DeepSpeed: model, optimizer and lr-scheduler states (ZeRO shards per rank),
+                                   and under expert parallelism each rank's experts (hybridlm/parallel/checkpoint.py)
       trainer_state_rank{r}.pt     step, tokens seen, data-loader position, python/numpy/torch RNG states of rank r
       config.yaml                  the resolved TrainConfig
       tokenizer/                   the run's tokenizer (when the data source has one)
@@ -26,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from hybridlm.parallel.checkpoint import check_resume_expert_parallel_size, model_expert_parallel_size, save_expert_shards
 
 CHECKPOINTS = "checkpoints"
 ENGINE_TAG = "engine"
@@ -116,6 +119,7 @@ def save_checkpoint(
     dist.barrier()
 
     engine.save_checkpoint(str(tmp), tag=ENGINE_TAG, save_latest=False)
+    save_expert_shards(engine.module, tmp / ENGINE_TAG)  # DeepSpeed's save leaves them out
     torch.save(trainer_state, trainer_state_file(tmp, rank))
     if rank == 0:
         (tmp / "config.yaml").write_text(config_yaml)
@@ -195,6 +199,7 @@ def load_checkpoint(engine, checkpoint: Path, rank: int, world_size: int) -> dic
             f"checkpoint {checkpoint} was written by {saved_world} rank(s) but this run has world_size={world_size}; "
             "resume with the same number of processes"
         )
+    check_resume_expert_parallel_size(checkpoint / ENGINE_TAG, model_expert_parallel_size(engine.module))
     load_path, _ = engine.load_checkpoint(
         str(checkpoint), tag=ENGINE_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
     )
