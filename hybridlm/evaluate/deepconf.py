@@ -1,3 +1,4 @@
+# Cites: DeepConf (arXiv 2508.15260).
 """DeepConf: confidence-filtered parallel reasoning (Fu et al. 2025, "Deep Think with Confidence"), online variant.
 
 Per generated token, the confidence is the mean negative log-probability of the model's `top_k` most likely

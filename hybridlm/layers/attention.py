@@ -1,3 +1,4 @@
+# Cites: Gated attention (arXiv 2505.06708), as transformers' qwen3_next/modeling_qwen3_next.py.
 """Causal softmax attention: GQA, q/k RMSNorm, partial RoPE, optional sigmoid output gate and sliding window.
 
 Which keys a query sees is one rule (`visibility_rule`): not later than the query, inside the sliding window, and in

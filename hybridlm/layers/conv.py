@@ -1,3 +1,4 @@
+# Cites: the short causal convolution of Gated DeltaNet (arXiv 2412.06464).
 """Depthwise causal short convolution that never mixes tokens of different documents."""
 
 from __future__ import annotations

@@ -1,3 +1,4 @@
+# Cites: Gated DeltaNet (arXiv 2412.06464), as transformers' qwen3_next/modeling_qwen3_next.py.
 """Gated DeltaNet mixer with Qwen3.5 / Qwen3-Next semantics.
 
 q, k, v come from one projection through a depthwise causal short convolution + SiLU; q and k are L2-normalised (in

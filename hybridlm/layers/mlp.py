@@ -1,3 +1,4 @@
+# Cites: SwiGLU (arXiv 2002.05202).
 """Dense SwiGLU feed-forward."""
 
 from __future__ import annotations

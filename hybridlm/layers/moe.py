@@ -1,3 +1,4 @@
+# Cites: Switch balancing loss (arXiv 2101.03961), ST-MoE z-loss (2202.08906), DeepSeek-V3 bias (2412.19437).
 """Sparse mixture of SwiGLU experts: dropless top-k routing, fused expert weights, optional gated shared expert,
 load-balancing and z losses, and aux-loss-free selection bias.
 

@@ -1,3 +1,4 @@
+# Cites: zero-centred and gated RMSNorm as transformers' qwen3_next/modeling_qwen3_next.py.
 """RMSNorm variants used by the stack."""
 
 from __future__ import annotations

@@ -1,3 +1,4 @@
+# Cites: RoPE (RoFormer, arXiv 2104.09864).
 """Rotary position embedding with a configurable rotated fraction of each head (partial RoPE)."""
 
 from __future__ import annotations

@@ -1,3 +1,4 @@
+# Cites: Gated DeltaNet (arXiv 2412.06464) in DeltaNet's chunked WY/UT form (arXiv 2406.06484).
 """Backward kernels of the chunked gated delta rule, by recomputation: the forward's prepare and state passes are rerun
 (only inputs are saved), then, per chunk with start state S, end-state gradient dS' and P = (q k^T) * decay:
 

@@ -1,3 +1,4 @@
+# Cites: Gated DeltaNet (arXiv 2412.06464) in DeltaNet's chunked WY/UT form (arXiv 2406.06484).
 """`chunk_gated_delta_rule`: the Triton chunked gated delta rule as an autograd Function (fla 0.6 compatible).
 
 Forward: prepare (gate cumsum, WY) -> state pass -> output. Backward recomputes prepare and the state pass from the

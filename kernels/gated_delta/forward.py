@@ -1,3 +1,4 @@
+# Cites: Gated DeltaNet (arXiv 2412.06464) in DeltaNet's chunked WY/UT form (arXiv 2406.06484).
 """Forward kernels of the chunked gated delta rule (chunk 64, see reference.py for the algebra).
 
 1. `prepare_wy_kernel` (parallel over chunks x value heads): gate -> chunk-local log-decay cumsum G (fp64), beta,

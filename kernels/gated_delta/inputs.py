@@ -1,3 +1,4 @@
+# Cites: Gated DeltaNet (arXiv 2412.06464): gate and beta as transformers' qwen3_next/modeling_qwen3_next.py.
 """Argument checks and the small elementwise pieces shared by every gated delta rule implementation.
 
 Everything here is plain PyTorch and imports no Triton, so the package imports on any machine.

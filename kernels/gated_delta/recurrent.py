@@ -1,3 +1,4 @@
+# Cites: Gated DeltaNet (arXiv 2412.06464), token by token.
 """`fused_recurrent_gated_delta_rule`: token-by-token Triton kernel for decoding, differentiable.
 
 One program per (document, value head, V block) keeps its [K, BV] slice of the fp32 state in registers and walks the

@@ -1,3 +1,4 @@
+# Cites: Gated DeltaNet (arXiv 2412.06464); DeltaNet's chunked WY/UT form (arXiv 2406.06484).
 """Plain PyTorch gated delta rule: the test oracle and the CPU path of the model.
 
 Recurrence, per value head (S is K x V, state in at least fp32):

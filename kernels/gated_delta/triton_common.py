@@ -1,3 +1,4 @@
+# Cites: Gated DeltaNet (arXiv 2412.06464) in DeltaNet's chunked WY/UT form (arXiv 2406.06484).
 """Pieces shared by the gated delta rule Triton kernels: autotuning and small @triton.jit helpers.
 
 Token layout inside the kernels: the batch is flattened into documents (B rows of length T become B documents), so

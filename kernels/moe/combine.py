@@ -1,3 +1,4 @@
+# Cites: dropless MoE combine (MegaBlocks, arXiv 2211.15841): gather each token's k expert rows, weight and sum.
 """Inverse permutation with the weighted top-k combine, and the routing-weight gradient.
 
 Each token reads its k expert-sorted rows and sums them in slot order in fp32: a gather, not a scatter,

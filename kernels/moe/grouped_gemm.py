@@ -1,3 +1,4 @@
+# Cites: dropless grouped-GEMM MoE (MegaBlocks, arXiv 2211.15841).
 """Grouped GEMMs over expert-contiguous rows, for SwiGLU experts with fused weights.
 
 Rows are the T*k (token, slot) pairs in expert order (see permute.py); expert e owns rows

@@ -1,3 +1,4 @@
+# Cites: dropless MoE permutation (MegaBlocks, arXiv 2211.15841): (token, slot) pairs sorted by expert.
 """Sync-free permutation of the T*k (token, slot) pairs into expert-contiguous order.
 
 Pairs are cut into blocks of BLOCK pairs. Pass 1 counts each block's pairs per expert; a prefix sum over

@@ -1,3 +1,4 @@
+# Cites: Switch balancing loss (arXiv 2101.03961), ST-MoE z-loss (2202.08906), DeepSeek-V3 bias (2412.19437).
 """Plain PyTorch reference for the routed sparse-MoE path; also the CPU implementation.
 
 Readable, any dtype, differentiable by autograd. The routed path is the same as the Triton one:

@@ -1,3 +1,4 @@
+# Cites: dropless top-k MoE (Switch, arXiv 2101.03961; Mixtral, arXiv 2401.04088).
 """The routed sparse-MoE path on Triton kernels: `route` and `sparse_moe` (same contract as the reference).
 
     logits (input-dtype GEMM, fp32 out) -> router kernel -> sync-free permutation -> grouped SwiGLU GEMMs -> combine

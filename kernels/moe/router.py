@@ -1,3 +1,4 @@
+# Cites: Switch balancing loss (arXiv 2101.03961), ST-MoE z-loss (2202.08906), DeepSeek-V3 bias (2412.19437).
 """Router kernel: fp32 logits -> scores (softmax | sigmoid) -> biased top-k choice -> (renormalised) weights,
 plus what the z-loss and the load-balancing loss need (see `RouterLossStats`).
 
