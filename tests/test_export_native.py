@@ -26,6 +26,7 @@ from hybridlm.cli import main as cli_main
 from hybridlm.config import AttentionConfig, GatedDeltaNetConfig, ModelConfig, MoEConfig
 from hybridlm.data.tokenizer import train_byte_level_bpe
 from hybridlm.export import FORMATS, export_checkpoint, load_pretrained_into
+from hybridlm.export.formats import ExportError
 from hybridlm.export.checkpoint import Checkpoint, read_checkpoint
 from hybridlm.export.writer import write_model_dir
 from hybridlm.model import HybridLM
@@ -37,7 +38,9 @@ TOLERANCE = 1e-4
 VOCAB = 300  # small configs; a byte-level BPE (>= 257 tokens) fits
 SEQ_LEN = 150  # > 2 GDN chunks of 64
 LOADING_PROBLEMS = ("missing_keys", "unexpected_keys", "mismatched_keys")
-PROBE_TEXT = "def fibonacci(n): return n"
+# Digits, runs of spaces, a newline and non-ASCII: where Qwen3.5's pre-tokenizer (imposed by transformers on every
+# qwen3_5_moe checkpoint) differs from GPT-2's, so an export whose tokenizer changes ids fails here.
+PROBE_TEXT = "def fibonacci(n): return n if n < 2 else 2024  # naïve\n\n    x = 31415"
 
 ORACLE = r"""
 import json, sys
@@ -222,6 +225,31 @@ def test_export_loads_in_plain_transformers_with_the_same_logits(oracle, name):
     diff = (result["logits"] - oracle["ours"][name]).abs().max().item()
     assert diff <= TOLERANCE, f"{name}: max |logit diff| {diff:.2e} > {TOLERANCE} over {SEQ_LEN} tokens"
     assert result["encoded"] == oracle["tokenizer"].encode(PROBE_TEXT)  # AutoTokenizer, from the export
+
+
+def test_a_tokenizer_that_transformers_would_retokenize_is_refused_for_qwen3_5_moe(oracle, tmp_path):
+    """A GPT-2 style byte-level BPE (our tokenizer before Qwen3.5's pre-tokenizer): qwen3_next keeps it, but
+    transformers would load a qwen3_5_moe export of it as Qwen3_5Tokenizer, splitting 2024 into digits."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from hybridlm.data.tokenizer import EOS_TOKEN, wrap_tokenizer
+
+    gpt2_style = Tokenizer(models.BPE())
+    gpt2_style.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    gpt2_style.decoder = decoders.ByteLevel()
+    gpt2_style.train_from_iterator([PROBE_TEXT] * 20, trainers.BpeTrainer(
+        vocab_size=VOCAB, special_tokens=[EOS_TOKEN], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    wrap_tokenizer(gpt2_style).save_pretrained(str(tmp_path / "tokenizer"))
+    fmt, cfg = EXPORTS["qwen3_5_moe"]
+    source = tmp_path / "ours"
+    source.mkdir()
+    write_model_dir(Checkpoint(cfg, random_model(cfg, 0).state_dict(), source, "test", tmp_path / "tokenizer"),
+                    source, "hybridlm", torch.float32, 10**9)
+    refusal = r"(?s)loads this export's tokenizer as Qwen3_5Tokenizer.*--format qwen3_next"
+    with pytest.raises(ExportError, match=refusal):
+        export_checkpoint(source, tmp_path / "refused", format=fmt, dtype="fp32")
+    assert not (tmp_path / "refused").exists() and not list(tmp_path.glob(".refused.tmp-*"))  # nothing half-written
+    export_checkpoint(source, tmp_path / "next", format="qwen3_next", dtype="fp32")
 
 
 @pytest.mark.parametrize("name", ["qwen3_next_tiny", "qwen3_5_moe_tiny"])

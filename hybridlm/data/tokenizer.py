@@ -13,11 +13,20 @@ EOS_TOKEN = "<|endoftext|>"
 
 
 def train_byte_level_bpe(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    """A GPT-2 style byte-level BPE (every byte representable, so no unknown token) with EOS = pad = <|endoftext|>."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    """A byte-level BPE (every byte representable, so no unknown token) with EOS = pad = <|endoftext|>, split into
+    pre-tokens exactly as Qwen3.5's tokenizer does (NFC, its regex: one digit per pre-token, then byte-level).
+    transformers loads every qwen3_5_moe checkpoint with Qwen3_5Tokenizer, which imposes that pipeline whatever
+    tokenizer.json says (models/qwen3_5/tokenization_qwen3_5.py), so only a tokenizer trained this way exports to
+    qwen3_5_moe with the ids the model learnt (the export checks it)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers.models.qwen3_5.tokenization_qwen3_5 import PRETOKENIZE_REGEX
 
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

@@ -99,6 +99,8 @@ def write_model_dir(
         config = _checked_native_config(FORMATS[format].hf_config(cfg, dtype, token_ids), format)
     save_torch_state_dict(tensors, directory, max_shard_size=max_shard_bytes, metadata={"format": "pt"})
     (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if token_ids and format != "hybridlm":  # hybridlm's config names its tokenizer class through remote code
+        _refuse_retokenization(ckpt.tokenizer_dir, directory, format)
     if format == "hybridlm":
         from hybridlm.hf.remote_code import add_remote_code
 
@@ -158,6 +160,37 @@ def _save_tokenizer(tokenizer_dir: Path | None, directory: Path) -> dict:
     ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
            "pad_token_id": tokenizer.pad_token_id}
     return {k: v for k, v in ids.items() if v is not None}
+
+
+# Digits, contractions, runs of spaces and newlines, punctuation and non-ASCII: where pre-tokenizers disagree.
+TOKENIZER_PROBE = "The 2024's results: 12 + 30 = 42.\n\n  Déjà vu, naïve café!  x=3.14;\ttabs\r\nI'll say \"ok\"..."
+
+
+def _refuse_retokenization(tokenizer_dir: Path, directory: Path, format: str) -> None:  # noqa: A002
+    """The export's tokenizer, as AutoTokenizer loads it beside the export's config.json, must give the ids the
+    model was trained on. transformers 5 loads every qwen3_5_moe checkpoint with Qwen3_5Tokenizer, whatever
+    tokenizer_config.json names (MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS in models/auto/tokenization_auto.py), and
+    that class replaces tokenizer.json's normaliser and pre-tokenizer with Qwen3.5's (NFC, one digit per pre-token):
+    a tokenizer trained otherwise would feed the exported model other tokens than it learnt."""
+    from transformers import AutoTokenizer
+
+    ours = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    theirs = AutoTokenizer.from_pretrained(str(directory))
+    texts = [TOKENIZER_PROBE]
+    if ours.chat_template:
+        texts.append(ours.apply_chat_template([{"role": "user", "content": TOKENIZER_PROBE}], tokenize=False))
+    for text in texts:
+        expected, loaded = ours.encode(text, add_special_tokens=False), theirs.encode(text, add_special_tokens=False)
+        if expected != loaded:
+            first = next((i for i, (a, b) in enumerate(zip(expected, loaded)) if a != b), len(expected))
+            raise ExportError(
+                f"--format {format}: transformers loads this export's tokenizer as {type(theirs).__name__}, which "
+                f"tokenizes differently from the tokenizer the model was trained with ({tokenizer_dir}: "
+                f"{type(ours).__name__}); from token {first} of {text[:60]!r}… it gives "
+                f"{loaded[first:first + 6]} instead of {expected[first:first + 6]}. Export with --format qwen3_next "
+                "or hybridlm, or train with a tokenizer that has Qwen3.5's pre-tokenizer (an imported Qwen3.5 "
+                "checkpoint's)"
+            )
 
 
 def _jsonable(value):
