@@ -1,7 +1,7 @@
 """Native formats against transformers' own Qwen3NextForCausalLM / Qwen3_5MoeForCausalLM, the independent oracles.
 
-transformers runs in one subprocess where hybridlm cannot be imported (`sys.modules["hybridlm"] = None`, checked at
-its end) and fla is hidden (`sys.modules["fla"] = None`, so it takes its plain PyTorch paths on CPU). It
+transformers runs in one subprocess (tests/helpers/transformers_oracle.py) where hybridlm cannot be imported and fla
+is hidden (so it takes its plain PyTorch paths on CPU). It
   1. builds random transformers models and saves them (the import direction), among them models of the shapes of
      our two presets, saved the way released checkpoints are;
   2. loads our exports, model and tokenizer, with the Auto classes (the export direction), the presets included;
@@ -12,14 +12,13 @@ Tolerance: fp32 on CPU, max |logit difference| <= 1e-4. Import then export is co
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from helpers.launch import tiny_run, train
+from helpers.transformers_oracle import LOADING_PROBLEMS, run_oracle
 from transformers import AutoTokenizer
 
 from hybridlm.cli import main as cli_main
@@ -37,42 +36,10 @@ REPO = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-4
 VOCAB = 300  # small configs; a byte-level BPE (>= 257 tokens) fits
 SEQ_LEN = 150  # > 2 GDN chunks of 64
-LOADING_PROBLEMS = ("missing_keys", "unexpected_keys", "mismatched_keys")
 # Digits, runs of spaces, a newline and non-ASCII: where Qwen3.5's pre-tokenizer (imposed by transformers on every
 # qwen3_5_moe checkpoint) differs from GPT-2's, so an export whose tokenizer changes ids fails here.
 PROBE_TEXT = "def fibonacci(n): return n if n < 2 else 2024  # naïve\n\n    x = 31415"
 
-ORACLE = r"""
-import json, sys
-sys.modules["fla"] = None  # transformers would otherwise send CPU tensors to fla's GPU kernels
-sys.modules["hybridlm"] = None  # plain transformers: `import hybridlm` (or of anything in it) fails here
-import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-job = json.load(open(sys.argv[1]))
-ids = torch.load(job["ids"])
-results = {}
-for spec in job["create"]:
-    torch.manual_seed(spec["seed"])
-    config = AutoConfig.for_model(spec["model_type"], **spec["config"])
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    with torch.no_grad():  # every tensor random, norms and decay parameters included
-        for name, param in model.named_parameters():
-            param.add_(torch.randn_like(param) * (0.1 if param.dim() == 1 else 0.02))
-    model.save_pretrained(spec["out"])
-    with torch.no_grad():
-        results[spec["out"]] = {"logits": model(ids % config.vocab_size).logits, "class": type(model).__name__}
-for path in job["load"]:
-    model, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
-    model.eval()
-    with torch.no_grad():
-        logits = model(ids % model.config.vocab_size).logits
-    results[path] = {"class": type(model).__name__, "info": {k: sorted(map(str, v)) for k, v in info.items()},
-                     "logits": logits, "encoded": AutoTokenizer.from_pretrained(path).encode(job["text"])}
-loaded = sorted(name for name, module in sys.modules.items() if name.startswith("hybridlm") and module is not None)
-assert not loaded, f"hybridlm was imported: {loaded}"
-torch.save(results, job["result"])
-"""
 
 
 def preset(name: str) -> ModelConfig:
@@ -153,16 +120,6 @@ CREATED = {
     )),
 }
 CREATED_MODEL_TYPE = {"qwen3_next": "qwen3_next", "qwen3_5_moe": "qwen3_5_moe_text"}
-
-
-def run_oracle(job: dict, workdir: Path) -> dict:
-    job_path = workdir / "job.json"
-    job["result"] = str(workdir / "result.pt")
-    job_path.write_text(json.dumps(job))
-    proc = subprocess.run([sys.executable, "-c", ORACLE, str(job_path)], capture_output=True, text=True,
-                          timeout=900, cwd=workdir)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return torch.load(job["result"])
 
 
 def random_model(cfg: ModelConfig, seed: int) -> HybridLM:
