@@ -14,6 +14,7 @@ SUBCOMMANDS = [
     ("hybridlm.export.cli", "add_generate_parser"),
     ("hybridlm.evaluate.cli", "add_eval_parser"),
     ("hybridlm.evaluate.doctor", "add_doctor_parser"),
+    ("hybridlm.parallel.plan", "add_plan_parser"),
 ]
 
 

@@ -227,7 +227,8 @@ class ModelConfig:
         return expand_pattern(self.mlp_pattern, self.num_layers, MLP_SYMBOLS, "model.mlp_pattern")
 
     def parameter_counts(self) -> dict[str, int]:
-        """Total and active (per token) parameters, from the config alone (no model needed)."""
+        """Total and active (per token) parameters, and those of the routed experts (what expert parallelism
+        shards), from the config alone (no model needed)."""
         h, g, a, m = self.hidden_size, self.gdn, self.attention, self.moe
         norm = h
         gdn_key, gdn_val = g.num_k_heads * g.head_k_dim, g.num_v_heads * g.head_v_dim
@@ -257,7 +258,8 @@ class ModelConfig:
             else:
                 total += 2 * norm + mix + dense
                 active += 2 * norm + mix + dense
-        return {"total": total, "active": active}
+        routed_experts = self.mlp_types.count("moe") * m.num_experts * expert
+        return {"total": total, "active": active, "routed_experts": routed_experts}
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (forward + backward = 3x forward): 6 * active matmul params + attention scores.

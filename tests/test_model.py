@@ -81,6 +81,8 @@ def test_parameter_count_formula_matches_the_module():
         moe = cfg.moe
         inactive_experts = (moe.num_experts - moe.top_k) * 3 * cfg.hidden_size * moe.intermediate_size
         assert counts["total"] - counts["active"] == inactive_experts * cfg.mlp_types.count("moe")
+        experts = sum(p.numel() for name, p in model.named_parameters() if ".experts." in name)
+        assert counts["routed_experts"] == experts
 
 
 # --- causality: changing future tokens leaves past logits unchanged ------------------------------------------------

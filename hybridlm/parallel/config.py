@@ -1,7 +1,8 @@
 """The `parallel` section of the training config (`configs/parallel/`).
 
-Values are checked in two places: here, against the model config alone (`ParallelConfig.check_model`, called by
-TrainConfig), and at start-up against the world size (`ParallelConfig.check_world_size`, before the model exists).
+Values are checked in two places: here, against the model config and the ZeRO stage (`ParallelConfig.check_model`,
+`check_zero_stage`, called by TrainConfig and by `hybridlm plan`), and at start-up against the world size
+(`ParallelConfig.check_world_size`, before the model exists).
 """
 
 from __future__ import annotations
@@ -43,6 +44,22 @@ class ParallelConfig:
             raise ConfigError(
                 f"parallel.expert_parallel_size={ep} does not divide model.moe.num_experts={num_experts}: every "
                 f"rank must hold the same number of experts; choose one of {divisors}"
+            )
+
+    def check_zero_stage(self, model: ModelConfig, zero_stage: int) -> None:
+        ep = self.expert_parallel_size_for(model)
+        if ep > 1 and zero_stage == 3:
+            raise ConfigError(
+                f"parallel.expert_parallel_size={ep} with deepspeed.zero_stage=3: DeepSpeed does not partition MoE "
+                "(expert-parallel) parameters under ZeRO 3; use deepspeed=zero2 (each rank then keeps only its "
+                "experts' optimizer-state shard) or parallel.expert_parallel_size=1"
+            )
+        if ep > 1 and zero_stage == 0:
+            raise ConfigError(
+                f"parallel.expert_parallel_size={ep} with deepspeed.zero_stage=0: DeepSpeed's ZeRO 0 gradient "
+                "clipping averages each rank's norm over ranks that hold different experts (deepspeed/runtime/"
+                "utils.py clip_grad_norm_), not the norm of the whole gradient; use deepspeed=zero1 or "
+                "deepspeed=zero2"
             )
 
     def check_world_size(self, model: ModelConfig, world_size: int) -> None:

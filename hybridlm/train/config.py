@@ -234,19 +234,7 @@ class TrainConfig:
             f"{self.model.max_position_embeddings}",
         )
         self.parallel.check_model(self.model)
-        ep = self.parallel.expert_parallel_size_for(self.model)
-        _require(
-            ep == 1 or self.deepspeed.zero_stage != 3,
-            f"parallel.expert_parallel_size={ep} with deepspeed.zero_stage=3: DeepSpeed does not partition MoE "
-            "(expert-parallel) parameters under ZeRO 3; use deepspeed=zero2 (each rank then keeps only its "
-            "experts' optimizer-state shard) or parallel.expert_parallel_size=1",
-        )
-        _require(
-            ep == 1 or self.deepspeed.zero_stage != 0,
-            f"parallel.expert_parallel_size={ep} with deepspeed.zero_stage=0: DeepSpeed's ZeRO 0 gradient clipping "
-            "averages each rank's norm over ranks that hold different experts (deepspeed/runtime/utils.py "
-            "clip_grad_norm_), not the norm of the whole gradient; use deepspeed=zero1 or deepspeed=zero2",
-        )
+        self.parallel.check_zero_stage(self.model, self.deepspeed.zero_stage)
 
 
 def wsd_decay_steps(optim: OptimConfig, max_steps: int) -> int:
