@@ -84,19 +84,25 @@ def test_impossible_combinations_are_refused_naming_them(gpus, ep, zero, message
         plan_table(HAND, gpus, TOKENS_PER_RANK, BF16, [ep], [zero])
 
 
-def test_qwen3_next_80b_a3b_default_config_totals():
-    """transformers' Qwen3NextConfig() (Qwen3-Next-80B-A3B) through our importer: 79.7 B parameters, 3.9 B active,
-    48 MoE layers of 512 experts of 3 x 2048 x 512 = 3,145,728 parameters each (77,309,411,328 in all)."""
+def test_qwen3_next_80b_a3b_default_config_totals(tmp_path, capsys):
+    """transformers' Qwen3NextConfig() (Qwen3-Next-80B-A3B) through our importer, as `hybridlm plan DIR` reads a
+    transformers directory: 79.7 B parameters, 3.9 B active, 48 MoE layers of 512 experts of 3 x 2048 x 512 =
+    3,145,728 parameters each (77,309,411,328 in all)."""
+    import json
+
     from transformers import Qwen3NextConfig
 
-    from hybridlm.export.formats import FORMATS
+    from hybridlm.parallel.plan import load_plan_config
 
-    cfg = FORMATS["qwen3_next"].model_config(Qwen3NextConfig().to_dict())
-    counts = cfg.parameter_counts()
+    (tmp_path / "config.json").write_text(json.dumps(Qwen3NextConfig().to_dict()))
+    cfg = load_plan_config(str(tmp_path), ["trainer.seq_len=4096"])
+    counts = cfg.model.parameter_counts()
     assert round(counts["total"] / 1e9, 1) == 79.7 and round(counts["active"] / 1e9, 1) == 3.9
-    row = plan_row(cfg, 64, 8, 2, 8192, BF16)
+    row = plan_row(cfg.model, 64, 8, 2, 8192, BF16)
     assert row.expert_params == 77_309_411_328 // 8 and row.experts_per_rank == 64
     assert row.dense_params == counts["total"] - 77_309_411_328
+    assert cli_main(["plan", str(tmp_path), "--gpus", "64", "--ep", "8", "--zero", "2"]) == 0
+    assert "79.674 B parameters (77.309 B in routed experts), 3.875 B active per token" in capsys.readouterr().out
 
 
 def test_plan_command_prints_the_table_and_refuses_with_the_reason(capsys):

@@ -3,6 +3,10 @@ expert-parallel size, from the config alone (nothing is built or launched).
 
     hybridlm plan model=gpu_1b --gpus 64                   # every ZeRO stage x every EP size that fits
     hybridlm plan model=gpu_1b --gpus 64 --ep 8 --zero 2   # one row; an impossible choice is refused, naming it
+    hybridlm plan path/to/Qwen3-Next-80B-A3B --gpus 64     # a transformers model directory (or its config.json)
+
+Overrides come before the options. A transformers directory's model is read by our importer (qwen3_next,
+qwen3_5_moe); the rest of the config (batch, sequence length, precision) is configs/train.yaml with the overrides.
 
 Per rank:
 - parameters: dense (every non-expert weight: embeddings, mixers, routers, shared experts, norms), held by every
@@ -27,6 +31,7 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from hybridlm.config import ConfigError, ModelConfig
 from hybridlm.parallel.config import ParallelConfig
@@ -152,15 +157,36 @@ def add_plan_parser(subparsers):
     return parser
 
 
+def load_plan_config(source: str | None, overrides: list[str]):
+    """The TrainConfig to plan: a transformers model directory or config.json of a native format gives the model,
+    configs/train.yaml with `overrides` the rest; anything else is what `hybridlm doctor` reads."""
+    import json
+
+    from hybridlm.evaluate.doctor import load_train_config
+    from hybridlm.export.formats import format_for_model_type
+
+    path = Path(source) if source is not None else None
+    hf_config = path / "config.json" if path is not None and path.is_dir() else path
+    if hf_config is not None and hf_config.suffix == ".json" and hf_config.is_file():
+        hf = json.loads(hf_config.read_text())
+        native = format_for_model_type(hf.get("model_type", ""))
+        if native is None:
+            raise ValueError(f"{hf_config}: model_type {hf.get('model_type')!r} is not one our importer reads "
+                             "(qwen3_next, qwen3_5_moe); pass a run directory or model=... overrides")
+        cfg = load_train_config(None, overrides)
+        cfg.model = native.model_config(hf)
+        return cfg
+    return load_train_config(source, overrides)
+
+
 def run_plan(args) -> int:
     import torch
 
-    from hybridlm.evaluate.doctor import load_train_config  # the same sources and overrides as `hybridlm doctor`
     from hybridlm.train.engine import resolve_precision
 
     source = args.args[0] if args.args and "=" not in args.args[0] else None
     overrides = args.args[1:] if source is not None else args.args
-    cfg = load_train_config(source, overrides)
+    cfg = load_plan_config(source, overrides)
     ds = cfg.deepspeed
     dtype = resolve_precision(ds.precision, torch.device("cuda"))  # what the GPUs would train in
     tokens = ds.micro_batch_size * cfg.trainer.seq_len * ds.grad_accum_steps
