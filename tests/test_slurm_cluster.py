@@ -1,7 +1,8 @@
 """Training through a REAL one-node Slurm cluster (slurmctld + slurmd + munged started here; see helpers/).
 
-- the multi-node sbatch template (run with --nodes=1) trains 2 CPU ranks (gloo, ZeRO 2) to completion, and its
-  srun hands each rank the job's --cpus-per-task;
+- the multi-node sbatch template (run with --nodes=1) trains 2 CPU ranks (gloo, ZeRO 2, expert parallel 2: the
+  templates and the submitit preset pass parallel.expert_parallel_size through) to completion, and its srun hands
+  each rank the job's --cpus-per-task;
 - a one-node template job signalled mid-run (USR1 to its batch shell, which forwards it to the ranks; then a second
   USR1 while the save is held open) saves once, requeues itself, resumes and ends with the uninterrupted run's exact
   final loss;
@@ -53,10 +54,12 @@ def slurm(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny(data_cache) -> list[str]:
-    """Overrides for a tiny CPU run (every layer kind, 64-token rows) that logs every step, in ZeRO 2."""
+    """Overrides for a tiny CPU run (every layer kind, 64-token rows) that logs every step, in ZeRO 2 with its MoE
+    experts sharded over the job's 2 ranks."""
     # 8 rows per step: slow enough (~0.2 s a step) that a signal sent after step 2 lands mid-run.
     return tiny_run(data_cache) + [
         f"trainer.max_steps={MAX_STEPS}", "deepspeed=zero2", "deepspeed.micro_batch_size=8",
+        "parallel.expert_parallel_size=2",
     ]  # fmt: skip
 
 
@@ -134,7 +137,9 @@ def uninterrupted_run(slurm, tiny, tmp_path_factory):
 def test_multinode_template_on_one_node_trains_two_gloo_ranks_to_completion(uninterrupted_run):
     out_dir, info, step_cpus = uninterrupted_run
     log = Path(f"{out_dir}.log").read_text()
-    assert "2 rank(s) on cpu, ZeRO 2" in log
+    assert "2 rank(s) on cpu, ZeRO 2, expert parallel 2 (2 experts per rank)" in log
+    engine_dir = out_dir / "checkpoints" / f"step_{MAX_STEPS:08d}" / "engine"
+    assert (engine_dir / "layer_0_expert_1_mp_rank_00_model_states.pt").is_file()  # rank 1's experts saved
     assert f"{CPUS_PER_TASK} CPUs per task" in log
     assert step_cpus == 2 * CPUS_PER_TASK  # srun passed --cpus-per-task on (SRUN_CPUS_PER_TASK); else 1 per rank
     assert info["Restarts"] == "0"
@@ -237,7 +242,7 @@ def test_hydra_submitit_multirun_runs_a_job_per_sweep_point_and_requeues_a_signa
         config = (run_dir / "checkpoints" / f"step_{MAX_STEPS:08d}" / "config.yaml").read_text()
         assert f"lr: {lr}" in config
         (rank0_log,) = sweep_dir.glob(f".submitit/*_{point}/*_{point}_0_log.out")
-        assert "2 rank(s) on cpu" in rank0_log.read_text(), details
+        assert "2 rank(s) on cpu, ZeRO 2, expert parallel 2" in rank0_log.read_text(), details
     assert slurm.job_info(job_id)["Restarts"] == "1", details
     stopped = _checkpoint_steps(sweep_dir / "0")[:-1]
     assert len(stopped) == 1 and 2 <= stopped[0] < MAX_STEPS, (stopped, details)

@@ -28,8 +28,10 @@ class MetricsLog(Callback):
             f"data: {cfg.data.source}, vocab {run.bundle.vocab_size}, {run.bundle.stats} | unigram baseline "
             f"{run.bundle.unigram_loss:.4f} nats/token on the whole validation split"
         )
+        ep = cfg.parallel.expert_parallel_size_for(cfg.model)
+        experts = f", expert parallel {ep} ({cfg.model.moe.num_experts // ep} experts per rank)" if ep > 1 else ""
         run.say(
-            f"engine: {info.world_size} rank(s) on {info.device.type}, ZeRO {ds.zero_stage}, "
+            f"engine: {info.world_size} rank(s) on {info.device.type}, ZeRO {ds.zero_stage}{experts}, "
             f"{resolve_precision(ds.precision, info.device)}, {run.tokens_per_step} tokens/step "
             f"({ds.micro_batch_size} x {trainer.seq_len} x {ds.grad_accum_steps} accum x {info.world_size} ranks)"
         )
