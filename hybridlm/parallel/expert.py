@@ -3,17 +3,17 @@ tokens travel to their experts and back by all-to-all (dropless: every routed (t
 
 One MoE layer under EP (`expert_parallel_moe`), on every rank of the group:
 
-    route         the usual router on this rank's tokens (global expert ids, counts, loss statistics)
+    route         the usual router on this rank's tokens (global expert ids, counts, loss statistics; `router`)
     permute       (token, slot) pairs sorted by expert id (stable), so by destination rank: experts
                   [r * E_local, (r + 1) * E_local) live on rank r (Megatron's and torchtitan's layout)
     split sizes   one all-to-all of the per-expert counts tells each rank how many rows it receives per
                   (source rank, local expert); then ONE device-to-host read of send and receive counts together
                   (`_exchange_counts`), the only one of the layer: all_to_all_single needs host split sizes
-    dispatch      all_to_all_single with uneven splits (autograd: torch.distributed.nn.functional)
-    experts       the local experts on the received rows: our grouped-GEMM SwiGLU (Triton on CUDA, the reference on
-                  CPU), each received row one single-slot "token" of its local expert
+    dispatch      all_to_all_single with uneven splits (autograd: torch.distributed.nn.functional; `dispatch`)
+    experts       the local experts on the received rows (`local_experts`): our grouped-GEMM SwiGLU (Triton on
+                  CUDA, the reference on CPU), each received row one single-slot "token" of its local expert
     combine       all_to_all_single back, un-permute, weighted sum over the k slots in a fixed order (fp32), as the
-                  EP=1 path does
+                  EP=1 path does (`combine`)
 
 The router, its losses and the shared expert stay local; the load-balancing loss and the selection bias use the
 expert counts summed over all data-parallel ranks, exactly as without EP (hybridlm/layers/moe.py).
@@ -24,6 +24,8 @@ permute by rank, all-to-all, sort chunks by local expert).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -52,8 +54,8 @@ def _exchange_counts(expert_counts: torch.Tensor, ep: ExpertParallelGroup) -> tu
     return send_per_rank, host[send.numel():].view(ep.size, ep.num_local_experts)
 
 
-def _local_experts(rows: torch.Tensor, local_ids: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
-                   backend: str) -> torch.Tensor:
+def local_experts(rows: torch.Tensor, local_ids: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+                  backend: str) -> torch.Tensor:
     """SwiGLU of local expert local_ids[i] on rows[i], in row order ([R, H] in rows' dtype); `backend` resolved."""
     num_local = gate_up.shape[0]
     if backend == "triton":
@@ -73,13 +75,8 @@ def _local_experts(rows: torch.Tensor, local_ids: torch.Tensor, gate_up: torch.T
     return torch.empty_like(out_sorted).index_copy(0, order, out_sorted)
 
 
-def expert_parallel_moe(x, router_weight, gate_up, down, top_k, ep: ExpertParallelGroup, *, score_func="softmax",
-                        renormalize=True, selection_bias=None, backend="auto"):
-    """The routed MoE path with this rank's experts only (`gate_up` [E_local, 2I, H], `down` [E_local, H, I]):
-    the `SparseMoEOutput` `ops.sparse_moe` returns for the full expert set (expert counts of this rank's tokens).
-    Every rank of `ep.group` must call it (collectives)."""
-    num_tokens, hidden = x.shape
-    backend = MOE.resolve(backend, x.device)
+def router(backend: str):
+    """The routing function of a resolved expert-parallel `backend` (hybridlm.kernels.moe's signature)."""
     if backend not in EXPERT_PARALLEL_BACKENDS:
         raise ValueError(f"model.moe.backend={backend!r} has no expert-parallel path; choose one of "
                          f"{EXPERT_PARALLEL_BACKENDS} or parallel.expert_parallel_size=1")
@@ -87,25 +84,61 @@ def expert_parallel_moe(x, router_weight, gate_up, down, top_k, ep: ExpertParall
         from hybridlm.kernels.moe import route
     else:
         from hybridlm.kernels.moe import route_ref as route
-    routing = route(x, router_weight, top_k, score_func, renormalize, selection_bias)
-    expert_ids = routing.expert_ids.flatten().long()
-    order = expert_ids.argsort(stable=True)  # pairs by expert, so by destination rank
-    send_per_rank, received_counts = _exchange_counts(routing.expert_counts, ep)
+    return route
+
+
+@dataclass(frozen=True)
+class Dispatched:
+    """Where this rank's (token, slot) rows went, for the way back."""
+
+    order: torch.Tensor  # [T * k] the rows' flat (token, slot) indices sorted by expert, so by destination rank
+    send_per_rank: list[int]
+    receive_per_rank: list[int]
+
+
+def dispatch(x: torch.Tensor, expert_ids: torch.Tensor, expert_counts: torch.Tensor,
+             ep: ExpertParallelGroup) -> tuple[torch.Tensor, torch.Tensor, Dispatched]:
+    """Send each (token, slot) row of `x` [T, H] to the rank of its expert (`expert_ids` [T, k] global ids,
+    `expert_counts` [E] of them): (received rows [R, H], their local expert ids [R], what `combine` needs)."""
+    num_tokens, hidden = x.shape
+    top_k = expert_ids.shape[1]
+    order = expert_ids.flatten().long().argsort(stable=True)  # pairs by expert, so by destination rank
+    send_per_rank, received_counts = _exchange_counts(expert_counts, ep)
     receive_per_rank = received_counts.sum(dim=1).tolist()
-    dispatched = dist_fn.all_to_all_single(
+    rows = dist_fn.all_to_all_single(
         x.new_empty(sum(receive_per_rank), hidden), x[order // top_k], receive_per_rank, send_per_rank,
         group=ep.group,
     )
     # Received rows come by source rank, then by local expert inside each source's chunk.
     local_ids = torch.arange(ep.num_local_experts, device=x.device).repeat(ep.size)
     local_ids = local_ids.repeat_interleave(received_counts.flatten().to(x.device))
-    expert_out = _local_experts(dispatched, local_ids, gate_up, down, backend)
+    return rows, local_ids, Dispatched(order, send_per_rank, receive_per_rank)
+
+
+def combine(expert_out: torch.Tensor, weights: torch.Tensor, sent: Dispatched,
+            ep: ExpertParallelGroup) -> torch.Tensor:
+    """The experts' rows back to their tokens' ranks, summed over the k slots by `weights` [T, k] in a fixed order,
+    in `weights`' dtype (fp32), as the EP=1 path does: [T, H]."""
+    num_tokens, top_k = weights.shape
     returned = dist_fn.all_to_all_single(
-        expert_out.new_empty(num_tokens * top_k, hidden), expert_out, send_per_rank, receive_per_rank,
-        group=ep.group,
+        expert_out.new_empty(num_tokens * top_k, expert_out.shape[1]), expert_out, sent.send_per_rank,
+        sent.receive_per_rank, group=ep.group,
     )
-    out = torch.empty_like(returned).index_copy(0, order, returned).view(num_tokens, top_k, hidden)
-    y = (out.to(routing.weights.dtype) * routing.weights.unsqueeze(-1)).sum(dim=1)
+    out = torch.empty_like(returned).index_copy(0, sent.order, returned).view(num_tokens, top_k, returned.shape[1])
+    return (out.to(weights.dtype) * weights.unsqueeze(-1)).sum(dim=1)
+
+
+def expert_parallel_moe(x, router_weight, gate_up, down, top_k, ep: ExpertParallelGroup, *, score_func="softmax",
+                        renormalize=True, selection_bias=None, backend="auto"):
+    """The routed MoE path with this rank's experts only (`gate_up` [E_local, 2I, H], `down` [E_local, H, I]):
+    the `SparseMoEOutput` `ops.sparse_moe` returns for the full expert set (expert counts of this rank's tokens).
+    Every rank of `ep.group` must call it (collectives). The phases (route, dispatch, local experts, combine) are
+    the functions above, which eval/bench/moe_ep.py times one by one."""
+    backend = MOE.resolve(backend, x.device)
+    routing = router(backend)(x, router_weight, top_k, score_func, renormalize, selection_bias)
+    rows, local_ids, sent = dispatch(x, routing.expert_ids, routing.expert_counts, ep)
+    expert_out = local_experts(rows, local_ids, gate_up, down, backend)
+    y = combine(expert_out, routing.weights, sent, ep)
     return SparseMoEOutput(y.to(x.dtype), routing.router_logits, routing.expert_counts.to(torch.int64),
                            routing.loss_stats)
 
