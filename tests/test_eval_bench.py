@@ -21,7 +21,8 @@ def run(*argv: str, timeout: int = 600) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize(
-    "script", ["train_throughput.py", "decode.py", "plot.py", "../mqar_gdn_vs_hybrid.py", "../deepconf_arithmetic.py"]
+    "script", ["train_throughput.py", "decode.py", "moe_ep.py", "plot.py", "../mqar_gdn_vs_hybrid.py",
+               "../deepconf_arithmetic.py"]
 )
 def test_help_works_without_a_gpu(script):
     proc = run(str(BENCH / script), "--help")
@@ -87,6 +88,31 @@ def test_train_throughput_smoke(tmp_path):
     assert updated.startswith("intro\n") and updated.endswith("<!-- bench-results:end -->\nrest\n")
 
 
+@pytest.mark.slow  # 3 spawned ranks importing torch and DeepSpeed: ~40 s on a busy 2-core box
+def test_moe_ep_smoke_times_every_phase_at_ep_1_and_2(tmp_path):
+    """eval/bench/moe_ep.py --smoke: EP = 1 and 2 on gloo, every phase timed, every dispatched row accounted for."""
+    out = tmp_path / "moe_ep.json"
+    proc = run(str(BENCH / "moe_ep.py"), "--smoke", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(out.read_text())
+    for key in ("command", "date", "device", "versions", "git"):
+        assert report[key], key
+    assert report["smoke"] is True and report["complete"] is True
+    tokens, hidden, experts, top_k = (report[k] for k in ("tokens_per_rank", "hidden", "experts", "top_k"))
+    assert [row["ep"] for row in report["results"]] == [1, 2]
+    for row in report["results"]:
+        assert set(row["ms"]) == {"layer", "routing", "dispatch", "experts", "combine", "all_to_all"}
+        assert all(ms > 0 for ms in row["ms"].values()), row
+        assert row["experts_per_rank"] == experts // row["ep"]
+        assert row["rows_total"] == row["ep"] * tokens * top_k  # dropless: every (token, slot) row dispatched
+        # out and back, forward and backward, fp32
+        assert row["all_to_all_mib_per_rank"] * 2**20 == 4 * tokens * top_k * hidden * 4
+    assert "layer ms" in proc.stdout
+    if not torch.cuda.is_available():
+        proc = run(str(BENCH / "moe_ep.py"))
+        assert proc.returncode != 0 and "needs at least 2 on one node" in proc.stderr
+
+
 def test_packed_batches_follow_train_py_and_transformers_formats():
     """The benchmark's data: rows cut by hybridlm.data.packing (what train.py's loader gives the model) and the
     same tokens in transformers' flattened packed format."""
@@ -110,6 +136,7 @@ def test_packed_batches_follow_train_py_and_transformers_formats():
 
 
 def test_run_all_is_valid_bash_and_needs_a_gpu():
+    assert "eval/bench/moe_ep.py" in (BENCH / "run_all.sh").read_text()
     script = BENCH / "run_all.sh"
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
     if not torch.cuda.is_available():
