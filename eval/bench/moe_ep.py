@@ -213,12 +213,12 @@ def main(argv=None):
         device = "cpu"
     else:
         gpus = torch.cuda.device_count()
-        if gpus < 2:
-            sys.exit(f"eval/bench/moe_ep.py: {gpus} CUDA GPU(s) visible; expert parallelism needs at least 2 on "
-                     "one node (`--smoke` checks the plumbing on CPU)")
+        if gpus == 0:
+            sys.exit("eval/bench/moe_ep.py: no CUDA GPU visible; each EP rank needs a GPU of this node (EP > 1 at "
+                     "least 2); `--smoke` checks the plumbing on CPU")
         too_many = [ep for ep in args.ep if ep > gpus]
         if too_many:
-            print(f"EP sizes {too_many} skipped: only {gpus} GPUs on this node", file=sys.stderr)
+            print(f"EP sizes {too_many} skipped: {gpus} GPU(s) on this node", file=sys.stderr)
             args.ep = [ep for ep in args.ep if ep <= gpus]
         device = "cuda"
     tokens, hidden, intermediate, experts, top_k = args.shape

@@ -2,9 +2,9 @@
 # Every GPU benchmark in one call, sized to finish in about 8 minutes on one H100/H200:
 #
 #   eval/bench/run_all.sh            # training vs transformers at 4K, hybrid vs attention at 2K and 8K, decode at
-#                                    # 32K, the gated-delta and MoE kernel benchmarks, the expert-parallel MoE layer
-#                                    # at EP = 1..8 (only on a node with >= 2 GPUs; about 4 minutes more); then plots
-#                                    # and tables
+#                                    # 32K, the gated-delta and MoE kernel benchmarks; then plots and tables; then
+#                                    # the expert-parallel MoE layer at EP = 1..8 (only on a node with >= 2 GPUs,
+#                                    # about 4 minutes more)
 #   eval/bench/run_all.sh --long     # also the 32K and 64K crossover points (about 4 minutes more)
 #
 # Results (device, versions, date, git commit, command in each file) go to eval/bench/results/: one JSON (+ PNG)
@@ -66,13 +66,15 @@ bench decode 90 "$PYTHON" eval/bench/decode.py --model "$MODEL" --context 32768 
     --out "$RESULTS/decode_$TAG.json"
 bench gated_delta 50 "$PYTHON" eval/bench/gated_delta.py --out "$RESULTS/gated_delta_$TAG.json"
 bench moe 50 "$PYTHON" eval/bench/moe.py --out "$RESULTS/moe_$TAG.json"
+bench tables 30 "$PYTHON" eval/bench/plot.py --markdown-out "$RESULTS/README.md" --readme README.md
+# Last, so that a caller's time limit sized for one GPU (gpu_kit.py) cuts only this one; plot.py has no table for
+# it yet: read its JSON.
 GPUS=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')
 if [ "$GPUS" -ge 2 ]; then
     bench moe_ep 240 "$PYTHON" eval/bench/moe_ep.py --out "$RESULTS/moe_ep_$TAG.json"
 else
     echo "=== moe_ep: skipped: expert parallelism needs at least 2 GPUs on the node, $GPUS visible" | tee -a "$LOG"
 fi
-bench tables 30 "$PYTHON" eval/bench/plot.py --markdown-out "$RESULTS/README.md" --readme README.md
 
 if [ ${#failed[@]} -ne 0 ]; then
     printf 'failed or timed out: %s\n' "${failed[@]}" | tee -a "$LOG" >&2
