@@ -97,5 +97,5 @@ def test_non_editable_install_ships_the_kernels_under_hybridlm_only(tmp_path):
 
 def test_console_script_lists_every_subcommand():
     out = subprocess.run([sys.executable, "-m", "hybridlm.cli", "--help"], capture_output=True, text=True, check=True)
-    for command in ("prepare-data", "export", "generate", "eval"):
+    for command in ("prepare-data", "export", "generate", "eval", "plan"):
         assert command in out.stdout
