@@ -4,6 +4,8 @@ combinations training refuses are refused naming them."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -114,3 +116,11 @@ def test_plan_command_prints_the_table_and_refuses_with_the_reason(capsys):
     assert [cell.strip() for cell in row.split("|")[1:4]] == ["2", "2", "2"]  # ZeRO 2, EP 2, 2 of 4 experts a rank
     assert cli_main([*args, "--ep", "2", "--zero", "3"]) == 2
     assert "expert_parallel_size=2 with deepspeed.zero_stage=3" in capsys.readouterr().err
+
+
+def test_a_model_without_moe_layers_plans_data_parallel_only():
+    dense = dataclasses.replace(HAND, mlp_pattern="D", intermediate_size=6)
+    # the MoE MLP (router 16 + experts 96) replaced by a dense SwiGLU of 3 x 4 x 6 = 72: 292 - 112 + 72 = 252
+    rows, refused = plan_table(dense, 4, TOKENS_PER_RANK, BF16)
+    assert [(r.zero_stage, r.expert_parallel_size) for r in rows] == [(0, 1), (1, 1), (2, 1), (3, 1)] and not refused
+    assert {(r.dense_params, r.expert_params, r.experts_per_rank, r.all_to_all_bytes) for r in rows} == {(252, 0, 0, 0)}
