@@ -118,6 +118,12 @@ def test_plan_command_prints_the_table_and_refuses_with_the_reason(capsys):
     assert "expert_parallel_size=2 with deepspeed.zero_stage=3" in capsys.readouterr().err
 
 
+def test_plan_command_refuses_a_config_json_it_cannot_import(tmp_path, capsys):
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    assert cli_main(["plan", str(tmp_path), "--gpus", "8"]) == 2
+    assert "model_type 'llama' is not one our importer reads" in capsys.readouterr().err
+
+
 def test_a_model_without_moe_layers_plans_data_parallel_only():
     dense = dataclasses.replace(HAND, mlp_pattern="D", intermediate_size=6)
     # the MoE MLP (router 16 + experts 96) replaced by a dense SwiGLU of 3 x 4 x 6 = 72: 292 - 112 + 72 = 252

@@ -186,13 +186,13 @@ def run_plan(args) -> int:
 
     source = args.args[0] if args.args and "=" not in args.args[0] else None
     overrides = args.args[1:] if source is not None else args.args
-    cfg = load_plan_config(source, overrides)
-    ds = cfg.deepspeed
-    dtype = resolve_precision(ds.precision, torch.device("cuda"))  # what the GPUs would train in
-    tokens = ds.micro_batch_size * cfg.trainer.seq_len * ds.grad_accum_steps
-    try:
+    try:  # a bad source, override or combination: its message (values and fix), no traceback
+        cfg = load_plan_config(source, overrides)
+        ds = cfg.deepspeed
+        dtype = resolve_precision(ds.precision, torch.device("cuda"))  # what the GPUs would train in
+        tokens = ds.micro_batch_size * cfg.trainer.seq_len * ds.grad_accum_steps
         rows, refused = plan_table(cfg.model, args.gpus, tokens, DTYPE_BYTES[dtype], args.ep, args.zero)
-    except ConfigError as error:
+    except ValueError as error:  # ConfigError, ExportError (an unreadable config.json) and the readers' errors
         print(f"hybridlm plan: {error}", file=sys.stderr)
         return 2
     counts = cfg.model.parameter_counts()
