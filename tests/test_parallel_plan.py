@@ -79,6 +79,8 @@ def test_default_sweep_leaves_out_what_training_refuses_and_says_why():
         (6, 4, 2, r"expert_parallel_size=4 does not divide the world size 6"),
         (4, 2, 3, r"expert_parallel_size=2 with deepspeed\.zero_stage=3.*use deepspeed=zero2"),
         (4, 2, 0, r"expert_parallel_size=2 with deepspeed\.zero_stage=0"),
+        (0, 1, 2, r"--gpus 0 must be >= 1"),
+        (4, 1, 4, r"--zero \[4\]: ZeRO stages are \(0, 1, 2, 3\)"),
     ],
 )
 def test_impossible_combinations_are_refused_naming_them(gpus, ep, zero, message):

@@ -63,13 +63,18 @@ def model_state_bytes(params: int, replicas: int, zero_stage: int, dtype_bytes: 
     return weights + grads + states
 
 
+def _check_gpus_and_stages(gpus: int, zero_stages: list[int]) -> None:
+    if gpus < 1:
+        raise ConfigError(f"--gpus {gpus} must be >= 1")
+    bad = [zero for zero in zero_stages if zero not in ZERO_STAGES]
+    if bad:
+        raise ConfigError(f"--zero {bad}: ZeRO stages are {ZERO_STAGES}")
+
+
 def plan_row(model: ModelConfig, gpus: int, expert_parallel_size: int, zero_stage: int, tokens_per_rank: int,
              dtype_bytes: int) -> PlanRow:
     """One ZeRO stage x EP size; a combination training would refuse raises its ConfigError (values and fix)."""
-    if gpus < 1:
-        raise ConfigError(f"--gpus {gpus} must be >= 1")
-    if zero_stage not in ZERO_STAGES:
-        raise ConfigError(f"--zero {zero_stage} must be one of {ZERO_STAGES}")
+    _check_gpus_and_stages(gpus, [zero_stage])
     parallel = ParallelConfig(expert_parallel_size=expert_parallel_size)
     parallel.check_model(model)
     parallel.check_zero_stage(model, zero_stage)
@@ -100,6 +105,7 @@ def plan_table(model: ModelConfig, gpus: int, tokens_per_rank: int, dtype_bytes:
     divide num_experts or `gpus`, and a ZeRO stage asked for explicitly that an EP size rules out, raise their
     ConfigError (values and fix). By default the EP sizes are those dividing both (1 alone without MoE layers),
     the stages 0-3, and the pairs training refuses are left out."""
+    _check_gpus_and_stages(gpus, zero_stages or [])
     if expert_parallel_sizes is None:
         experts = model.moe.num_experts if "moe" in model.mlp_types else 1
         expert_parallel_sizes = [d for d in range(1, min(experts, gpus) + 1) if experts % d == 0 and gpus % d == 0]
