@@ -105,6 +105,7 @@ def test_moe_ep_smoke_times_every_phase_at_ep_1_and_2(tmp_path):
         assert all(ms > 0 for ms in row["ms"].values()), row
         assert row["experts_per_rank"] == experts // row["ep"]
         assert row["rows_total"] == row["ep"] * tokens * top_k  # dropless: every (token, slot) row dispatched
+        assert row["max_rel_diff_vs_all_experts"] <= 1e-5  # fp32: the sharded layer is the whole layer
         # out and back, forward and backward, fp32
         assert row["all_to_all_mib_per_rank"] * 2**20 == 4 * tokens * top_k * hidden * 4
     assert "layer ms" in proc.stdout

@@ -15,7 +15,9 @@ fixed micro-batch gives each GPU) and num_experts / EP experts. Timed, forward +
 The phases are the layer's own functions (router, dispatch, local_experts, combine), run one at a time, so
 `layer / sum of phases` shows what running them together costs or saves, and `layer / (experts + all_to_all)` is
 the issue's efficiency target (<= 1.3 at EP = 8). EP = 1 runs the same code on one GPU (its all-to-alls are local
-copies). Writes JSON (device, versions, date, git commit, command) with --out after every EP size.
+copies). Each rank first checks the sharded layer's output against the whole layer (every expert, on its own
+tokens: `max_rel_diff_vs_all_experts`). Writes JSON (device, versions, date, git commit, command) with --out after
+every EP size.
 
     python eval/bench/moe_ep.py --out eval/bench/results/moe_ep_h100.json      # needs >= 2 GPUs on the node
     python eval/bench/moe_ep.py --smoke                                         # 2 CPU ranks on gloo, tiny
@@ -97,6 +99,7 @@ def _time_phases(rank: int, ep_size: int, args, device) -> dict:
     import torch
     import torch.distributed as dist
 
+    from hybridlm.ops import sparse_moe
     from hybridlm.ops.registry import MOE
     from hybridlm.parallel.expert import combine, dispatch, expert_parallel_moe, local_experts, router
     from hybridlm.parallel.groups import ExpertParallelGroup
@@ -112,11 +115,18 @@ def _time_phases(rank: int, ep_size: int, args, device) -> dict:
     router_weight = (torch.randn(experts, hidden, generator=weights) * hidden**-0.5).to(device, dtype)
     gate_up = torch.randn(experts, 2 * intermediate, hidden, generator=weights) * hidden**-0.5
     down = torch.randn(experts, hidden, intermediate, generator=weights) * intermediate**-0.5
-    mine = slice(rank * local, (rank + 1) * local)
-    gate_up, down = (w[mine].to(device, dtype).requires_grad_() for w in (gate_up, down))
     data = torch.Generator().manual_seed(100 + rank)
     x = torch.randn(tokens, hidden, generator=data).to(device, dtype).requires_grad_()
     dy = torch.randn(tokens, hidden, generator=data).to(device, dtype)
+    with torch.no_grad():  # the check: the layer's output is the full layer's (every expert here) on these tokens
+        full = sparse_moe(x, router_weight, gate_up.to(device, dtype), down.to(device, dtype), top_k,
+                          backend=backend).y.float()  # fmt: skip
+        sharded = expert_parallel_moe(x, router_weight, *(w[rank * local:(rank + 1) * local].to(device, dtype)
+                                                          for w in (gate_up, down)), top_k, ep, backend=backend)
+        max_rel_diff = ((sharded.y.float() - full).abs().max() / full.abs().max()).item()
+    del full
+    mine = slice(rank * local, (rank + 1) * local)
+    gate_up, down = (w[mine].to(device, dtype).requires_grad_() for w in (gate_up, down))
 
     with torch.no_grad():  # the inputs of each phase alone, as the layer would hand them on
         routing = route(x, router_weight, top_k, "softmax", True, None)
@@ -169,6 +179,8 @@ def _time_phases(rank: int, ep_size: int, args, device) -> dict:
         medians.append(statistics.median(times))
     slowest = torch.tensor(medians, dtype=torch.float64, device=device)
     most, total = (torch.tensor([rows.shape[0]], dtype=torch.int64, device=device) for _ in range(2))
+    worst = torch.tensor([max_rel_diff], dtype=torch.float64, device=device)
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
     dist.all_reduce(most, op=dist.ReduceOp.MAX)
     dist.all_reduce(total, op=dist.ReduceOp.SUM)
@@ -177,6 +189,8 @@ def _time_phases(rank: int, ep_size: int, args, device) -> dict:
     return {
         "ep": ep_size, "experts_per_rank": local, "backend": backend,
         "ms": ms, "layer_over_phases": ms["layer"] / phases,
+        # max |y - y_full| / max |y_full| over the ranks: the sharded layer against all experts on one rank
+        "max_rel_diff_vs_all_experts": float(worst),
         "layer_over_experts_plus_all_to_all": ms["layer"] / (ms["experts"] + ms["all_to_all"]),
         # dispatched (token, slot) rows: the most any rank received, and all of them (= EP x tokens x top_k)
         "rows_received_max": int(most), "rows_total": int(total),
