@@ -100,8 +100,7 @@ def dispatch(x: torch.Tensor, expert_ids: torch.Tensor, expert_counts: torch.Ten
              ep: ExpertParallelGroup) -> tuple[torch.Tensor, torch.Tensor, Dispatched]:
     """Send each (token, slot) row of `x` [T, H] to the rank of its expert (`expert_ids` [T, k] global ids,
     `expert_counts` [E] of them): (received rows [R, H], their local expert ids [R], what `combine` needs)."""
-    num_tokens, hidden = x.shape
-    top_k = expert_ids.shape[1]
+    hidden, top_k = x.shape[1], expert_ids.shape[1]
     order = expert_ids.flatten().long().argsort(stable=True)  # pairs by expert, so by destination rank
     send_per_rank, received_counts = _exchange_counts(expert_counts, ep)
     receive_per_rank = received_counts.sum(dim=1).tolist()
