@@ -101,6 +101,7 @@ def test_moe_ep_smoke_times_every_phase_at_ep_1_and_2(tmp_path):
     tokens, hidden, experts, top_k = (report[k] for k in ("tokens_per_rank", "hidden", "experts", "top_k"))
     assert [row["ep"] for row in report["results"]] == [1, 2]
     for row in report["results"]:
+        assert "error" not in row, f"{row}\n{proc.stderr[-4000:]}"
         assert set(row["ms"]) == {"layer", "routing", "dispatch", "experts", "combine", "all_to_all"}
         assert all(ms > 0 for ms in row["ms"].values()), row
         assert row["experts_per_rank"] == experts // row["ep"]

@@ -29,7 +29,6 @@ No GPU numbers have been measured with this script yet.
 from __future__ import annotations
 
 import argparse
-import socket
 import statistics
 import sys
 import time
@@ -40,6 +39,7 @@ REPO = Path(__file__).resolve().parents[2]
 # Qwen3-Next-80B-A3B's MoE layer: hidden 2048, expert intermediate 512, 512 experts, top-10; 8K tokens per GPU.
 DEFAULT_SHAPE = "8192,2048,512,512,10"
 SMOKE_SHAPE = "32,16,8,4,2"
+HOST = "127.0.0.1"
 PHASES = ("layer", "routing", "dispatch", "experts", "combine", "all_to_all")
 
 
@@ -71,12 +71,6 @@ def parse_args(argv=None):
     return args
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _rank_main(rank: int, ep_size: int, args, port: int, results) -> None:
     """One rank of one EP size: time every phase, then rank 0 reports the slowest rank's medians."""
     import torch
@@ -85,8 +79,10 @@ def _rank_main(rank: int, ep_size: int, args, port: int, results) -> None:
     device = torch.device(f"cuda:{rank}" if not args.smoke else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group("gloo" if args.smoke else "nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=ep_size, device_id=device if device.type == "cuda" else None)  # fmt: skip
+    # The launcher's store (on a port it holds, so no other process can take it between choosing and binding)
+    store = dist.TCPStore(HOST, port, ep_size + 1, is_master=False)
+    dist.init_process_group("gloo" if args.smoke else "nccl", store=store, rank=rank, world_size=ep_size,
+                            device_id=device if device.type == "cuda" else None)  # fmt: skip
     try:
         row = _time_phases(rank, ep_size, args, device)
         if rank == 0:
@@ -200,12 +196,14 @@ def _time_phases(rank: int, ep_size: int, args, device) -> dict:
 
 def run_ep_size(ep_size: int, args) -> dict:
     """Spawn `ep_size` ranks for one EP size; rank 0's row, or an error naming the ranks that failed."""
+    import torch.distributed as dist
     import torch.multiprocessing as mp
 
     context = mp.get_context("spawn")
     results = context.Queue()
-    port = _free_port()
-    ranks = [context.Process(target=_rank_main, args=(rank, ep_size, args, port, results)) for rank in range(ep_size)]
+    store = dist.TCPStore(HOST, 0, ep_size + 1, is_master=True, wait_for_workers=False)
+    ranks = [context.Process(target=_rank_main, args=(rank, ep_size, args, store.port, results))
+             for rank in range(ep_size)]  # fmt: skip
     for process in ranks:
         process.start()
     for process in ranks:
