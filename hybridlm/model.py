@@ -68,6 +68,7 @@ class TokenLayout:
     position_in_doc: torch.Tensor | None = None  # [1,B*T] 0 at each document start, over the flattened tokens
     gdn_chunk_layout: object | None = None  # the GDN kernels' chunk list of cu_seqlens (ops.prepare_gdn_chunk_layout)
     padding_mask: torch.Tensor | None = None  # [B,T] 1 for tokens, 0 for left padding (batched generation)
+    context: object | None = None  # hybridlm.parallel.context.ContextShard: B rows of T/CP tokens, this rank's slice
 
 
 class ModelCache:
@@ -113,7 +114,9 @@ class HybridBlock(nn.Module):
                 # A zero input adds nothing to the conv window or the recurrent state (no projection has a bias), so
                 # left padding leaves every prompt's state exactly as if it had not been padded.
                 normed = normed * layout.padding_mask[..., None].to(normed.dtype)
-            if layout.cu_seqlens is not None:  # packed: one flattened row, restarting at every document
+            if layout.context is not None:  # this rank's slice of each row; the layer flattens it itself
+                mixed = self.linear_attn(normed, chunk_layout=layout.gdn_chunk_layout, context=layout.context)
+            elif layout.cu_seqlens is not None:  # packed: one flattened row, restarting at every document
                 B, T, H = normed.shape
                 flat = self.linear_attn(normed.reshape(1, B * T, H), layout.cu_seqlens, layout.position_in_doc, cache,
                                         chunk_layout=layout.gdn_chunk_layout)
@@ -121,7 +124,7 @@ class HybridBlock(nn.Module):
             else:
                 mixed = self.linear_attn(normed, None, None, cache)
         else:
-            mixed = self.self_attn(normed, layout.position_ids, layout.attention, cache)
+            mixed = self.self_attn(normed, layout.position_ids, layout.attention, cache, layout.context)
         x = x + mixed
         normed = self.post_attention_layernorm(x)
         if self.mlp_type == "moe":
@@ -282,6 +285,7 @@ class HybridLM(nn.Module):
         return_logits: bool | None = None,
         logits_to_keep: int = 0,
         num_items_in_batch: float | torch.Tensor | None = None,
+        context=None,
     ) -> LMOutput:
         """input_ids [B,T]; labels [B,T] are next-token targets already aligned with the inputs (-100: no target);
         cu_seqlens [N+1] marks document starts over the flattened B*T tokens (row starts included; documents never
@@ -291,13 +295,23 @@ class HybridLM(nn.Module):
         Logits [B,T,V] fp32 are returned when there are no labels, or with return_logits=True (the loss alone never
         materialises them); `logits_to_keep` > 0 computes them for the last that many positions only.
         `num_items_in_batch` (transformers' name) divides the summed cross-entropy instead of this batch's target
-        count: the trainer passes the optimizer step's count so that the loss is a mean over all its tokens."""
+        count: the trainer passes the optimizer step's count so that the loss is a mean over all its tokens.
+        `context` (hybridlm.parallel.context.shard_batch): the inputs and labels are this rank's slice of each row;
+        every loss is then this shard's share, and their sums over the context-parallel group are the whole rows'."""
         B, T = input_ids.shape
         if attention_mask is not None and cu_seqlens is not None:
             raise ValueError("pass attention_mask (padded batch) or cu_seqlens (packed documents), not both")
         if cu_seqlens is not None and cache is not None:
             raise ValueError("cu_seqlens (packed documents) is for training and scoring; decode without it")
-        layout = self._layout(input_ids, position_ids, cu_seqlens, cache, attention_mask)
+        if context is not None:
+            if cache is not None or attention_mask is not None or cu_seqlens is not None:
+                raise ValueError("context= (a shard_batch slice) carries the documents itself; pass no cu_seqlens, "
+                                 "attention_mask or cache with it")
+            from hybridlm.parallel.context import context_layout
+
+            layout = context_layout(context, self.config)
+        else:
+            layout = self._layout(input_ids, position_ids, cu_seqlens, cache, attention_mask)
         x = self.embed_tokens(input_ids)
 
         stats: list[RouterStats] = []
@@ -327,11 +341,17 @@ class HybridLM(nn.Module):
         targets = labels.reshape(-1)
         summed = linear_cross_entropy(x.reshape(B * T, -1), head_weight, targets)
         if num_items_in_batch is None:
-            num_items_in_batch = (targets != IGNORE_INDEX).sum().clamp(min=1)
+            num_items_in_batch = (targets != IGNORE_INDEX).sum()
+            if context is not None:  # the targets of the whole rows
+                from hybridlm.parallel.context import sum_over_shards
+
+                num_items_in_batch = sum_over_shards(num_items_in_batch, context)
+            num_items_in_batch = num_items_in_batch.clamp(min=1)
         out.ce_loss = summed / num_items_in_batch
         zero = summed.new_zeros(())
-        out.aux_loss = torch.stack([s.aux_loss for s in stats]).mean() if stats else zero
-        out.z_loss = torch.stack([s.z_loss for s in stats]).mean() if stats else zero
+        shards = 1 if context is None else context.cp.size  # the router losses are means over equal shards
+        out.aux_loss = torch.stack([s.aux_loss for s in stats]).mean() / shards if stats else zero
+        out.z_loss = torch.stack([s.z_loss for s in stats]).mean() / shards if stats else zero
         moe = self.config.moe
         out.loss = out.ce_loss + moe.aux_loss_coef * out.aux_loss + moe.z_loss_coef * out.z_loss
         return out

@@ -201,10 +201,13 @@ class Attention(nn.Module):
         position_ids: torch.Tensor,
         pattern: AttentionPattern,
         cache: dict | None = None,
+        context=None,
     ) -> torch.Tensor:
         """x [B,T,H]; position_ids [B,T] for RoPE (restarting at 0 per document); `pattern` says which keys each
         query sees. `cache` (decoding) holds "k" and "v" buffers [B,kv_heads,capacity,d]; the first
-        `pattern.cached_tokens` positions are filled, and this call's keys and values are written after them."""
+        `pattern.cached_tokens` positions are filled, and this call's keys and values are written after them.
+        `context` (a hybridlm.parallel.context.ContextShard: x is this rank's slice of each row, position_ids global)
+        attends to the keys and values of the shards up to this one."""
         cfg = self.cfg
         B, T, _ = x.shape
         d = cfg.head_dim
@@ -226,6 +229,10 @@ class Attention(nn.Module):
             cache["v"] = append_along(cache.get("v"), past, v, dim=2, capacity=capacity)
             k = cache["k"][:, :, pattern.first_key : past + T]
             v = cache["v"][:, :, pattern.first_key : past + T]
+        if context is not None:
+            from hybridlm.parallel.context import gather_keys_values
+
+            k, v = gather_keys_values(k, v, context)
         out = attend(q, k, v, pattern).transpose(1, 2).reshape(B, T, -1)
         if gate is not None:
             out = out * torch.sigmoid(gate)

@@ -54,12 +54,16 @@ class GatedDeltaNet(nn.Module):
         position_in_doc: torch.Tensor | None = None,
         cache: dict | None = None,
         chunk_layout=None,
+        context=None,
     ) -> torch.Tensor:
         """x [B,T,H]. With `cu_seqlens` (B == 1, documents packed along T) neither the conv nor the recurrence
         crosses a document start; `position_in_doc` [B,T] marks those starts for the conv. `cache` (decoding) holds
         "conv" [B,C,K-1] and "recurrent" [B,HV,K,V] fp32 states and is updated in place. `chunk_layout`, from
         `ops.prepare_gdn_chunk_layout(cu_seqlens, T, backend=...)` once per batch, spares the chunked kernels their
-        per-call host sync."""
+        per-call host sync. `context` (a hybridlm.parallel.context.ContextShard; x [B,T/CP,H], this rank's slice of
+        each row) runs the conv with the previous shard's halo and the recurrence by state passing."""
+        if context is not None:
+            return self._context_parallel_forward(x, context, chunk_layout)
         cfg = self.cfg
         B, T, _ = x.shape
         conv_state = None if cache is None else cache.get("conv")
@@ -90,6 +94,28 @@ class GatedDeltaNet(nn.Module):
         )
         if cache is not None:
             cache.update(conv=new_conv_state, recurrent=final_state)
-        z = self.in_proj_z(x).reshape(B, T, cfg.num_v_heads, cfg.head_v_dim)
-        o = self.norm(o, z).reshape(B, T, self.value_dim)
+        return self._output(x, o)
+
+    def _output(self, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        """The gated per-head norm and the output projection of the recurrence's o (any [.., T, HV, V] of x's T)."""
+        B, T, _ = x.shape
+        z = self.in_proj_z(x).reshape(B, T, self.cfg.num_v_heads, self.cfg.head_v_dim)
+        o = self.norm(o.reshape(z.shape), z).reshape(B, T, self.value_dim)
         return self.out_proj(o)
+
+    def _context_parallel_forward(self, x: torch.Tensor, context, chunk_layout) -> torch.Tensor:
+        from hybridlm.parallel.context import context_parallel_gated_delta_rule, conv_halo
+
+        cfg = self.cfg
+        B, T, _ = x.shape
+        projected = self.in_proj_qkv(x)
+        qkv, _ = self.conv1d(projected, context.position_in_doc, conv_halo(projected, cfg.conv_kernel, context))
+        flat = (1, B * T)  # the rows one after the other, as the shard's documents (context.cu_seqlens) lie
+        q, k, v = qkv.split((self.key_dim, self.key_dim, self.value_dim), dim=-1)
+        o = context_parallel_gated_delta_rule(
+            q.reshape(*flat, cfg.num_k_heads, cfg.head_k_dim), k.reshape(*flat, cfg.num_k_heads, cfg.head_k_dim),
+            v.reshape(*flat, cfg.num_v_heads, cfg.head_v_dim), context, a=self.in_proj_a(x).reshape(*flat, -1),
+            A_log=self.A_log, dt_bias=self.dt_bias, b=self.in_proj_b(x).reshape(*flat, -1),
+            use_qk_l2norm_in_kernel=True, backend=cfg.backend, chunk_layout=chunk_layout,
+        )  # fmt: skip
+        return self._output(x, o)
