@@ -305,11 +305,13 @@ class HybridLM(nn.Module):
             raise ValueError("cu_seqlens (packed documents) is for training and scoring; decode without it")
         if context is not None:
             if cache is not None or attention_mask is not None or cu_seqlens is not None:
-                raise ValueError("context= (a shard_batch slice) carries the documents itself; pass no cu_seqlens, "
-                                 "attention_mask or cache with it")
+                raise ValueError("context= (hybridlm.parallel.context.shard_batch) carries the documents itself; "
+                                 "pass no cu_seqlens, attention_mask or cache with it")
             from hybridlm.parallel.context import context_layout
 
             layout = context_layout(context, self.config)
+            if position_ids is not None:  # the shard's slice, as packed rows' given positions
+                layout.position_ids = position_ids
         else:
             layout = self._layout(input_ids, position_ids, cu_seqlens, cache, attention_mask)
         x = self.embed_tokens(input_ids)

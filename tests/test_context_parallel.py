@@ -16,24 +16,24 @@ H, HV, DK, DV = 1, 2, 16, 16  # grouped value heads: two value heads per q/k hea
 
 
 def _gdn_inputs(dtype):
+    # Slow decays (exp(A_log) ~ 0.05, ~3% per token): a shard's state still matters two shards later.
     torch.manual_seed(0)
     total = 2 * ROW
     raw = dict(
         q=torch.randn(1, total, H, DK), k=torch.randn(1, total, H, DK), v=torch.randn(1, total, HV, DV),
-        a=torch.randn(1, total, HV), b=torch.randn(1, total, HV), A_log=torch.randn(HV) * 0.5,
-        dt_bias=torch.randn(HV) * 0.5,
+        a=torch.randn(1, total, HV) * 0.3, b=torch.randn(1, total, HV), A_log=torch.randn(HV) * 0.3 - 3.0,
+        dt_bias=torch.randn(HV) * 0.3,
     )  # fmt: skip
     probe = torch.randn(1, total, HV, DV)
     return {key: value.to(dtype) for key, value in raw.items()}, probe.to(dtype)
 
 
 def _gdn_op_worker(rank: int, world_size: int) -> dict:
-    from hybridlm.parallel.context import ContextParallelGroup, context_parallel_gated_delta_rule, shard_batch
     from hybridlm.ops import prepare_gdn_chunk_layout
+    from hybridlm.parallel.context import ContextParallelGroup, context_parallel_gated_delta_rule, shard_layout
 
     cp = ContextParallelGroup(group=None, size=world_size, rank=rank)
-    cu_seqlens = torch.tensor(CU_SEQLENS)
-    _, _, shard = shard_batch(torch.zeros(2, ROW, dtype=torch.long), None, cu_seqlens, cp)
+    shard = shard_layout(torch.tensor(CU_SEQLENS), 2, ROW, cp)
     local = slice(shard.start, shard.start + shard.local_len)
     results = {}
     for backend, dtype in (("torch", torch.float64), ("triton", torch.float32)):
@@ -96,7 +96,7 @@ def _cp_model():
     from hybridlm.model import HybridLM
 
     cfg = ModelConfig(
-        vocab_size=97, hidden_size=32, num_layers=4, layer_pattern="GGGA", mlp_pattern="MMMD", intermediate_size=48,
+        vocab_size=97, hidden_size=32, initializer_range=0.1, num_layers=4, layer_pattern="GGGA", mlp_pattern="MMMD", intermediate_size=48,
         gdn=GatedDeltaNetConfig(num_k_heads=2, num_v_heads=4, head_k_dim=8, head_v_dim=8, backend="torch"),
         attention=AttentionConfig(num_heads=4, num_kv_heads=2, head_dim=8, backend="sdpa"),
         moe=MoEConfig(num_experts=4, top_k=2, intermediate_size=16, aux_loss_coef=0.01, z_loss_coef=0.001,
@@ -104,9 +104,11 @@ def _cp_model():
     )  # fmt: skip
     torch.manual_seed(0)
     model = HybridLM(cfg).train()
-    for name, param in model.named_parameters():  # beyond the init, so every parameter gets a visible gradient
-        if name.endswith(("A_log", "dt_bias")) or "norm" in name:
-            param.data.add_(0.1 * torch.randn_like(param))
+    for name, param in model.named_parameters():
+        if name.endswith("A_log"):  # slow decays (~2% per token): state from two shards back still counts
+            param.data.copy_(0.3 * torch.randn_like(param) - 3.0)
+        elif name.endswith("dt_bias") or "norm" in name:  # beyond the init: every parameter's gradient visible
+            param.data.add_(0.3 * torch.randn_like(param))
     return model
 
 
@@ -136,8 +138,9 @@ def _model_worker(rank: int, world_size: int) -> dict:
     pairs = [torch.distributed.new_group([0, 1]), torch.distributed.new_group([2, 3])]  # every rank creates both
     for size, group in ((2, pairs[rank // 2]), (4, None)):
         cp = ContextParallelGroup(group=group, size=size, rank=rank % size)
-        local_ids, local_labels, shard = shard_batch(input_ids, labels, cu_seqlens, cp)
-        run = _model_run(model, input_ids=local_ids, labels=local_labels, context=shard)
+        inputs = shard_batch(dict(input_ids=input_ids, labels=labels, cu_seqlens=cu_seqlens), cp)
+        run = _model_run(model, **inputs)
+        shard = inputs["context"]
         for key in ("loss", "ce", "aux"):
             run[key] = sum_over_shards(run[key], shard)
         for grad in run["grads"].values():

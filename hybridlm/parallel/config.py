@@ -18,7 +18,9 @@ class ParallelConfig:
     # reach their experts by all-to-all inside the group. 1: every rank holds every expert (plain data parallel).
     # Models without MoE layers ignore it.
     expert_parallel_size: int = 1
-    # Ranks that split one sequence along its length (context parallelism).
+    # Ranks that split every row of the same batch along its length (context parallelism,
+    # hybridlm/parallel/context.py): consecutive blocks of CP ranks read the same rows, each computing its
+    # contiguous T / CP tokens; the data-parallel size is world / CP. 1: every rank holds its rows whole.
     context_parallel_size: int = 1
 
     def __post_init__(self) -> None:
@@ -26,11 +28,6 @@ class ParallelConfig:
             value = getattr(self, key)
             if value < 1:
                 raise ConfigError(f"parallel.{key}={value} must be >= 1 (1 turns it off)")
-        if self.context_parallel_size > 1:
-            raise ConfigError(
-                f"parallel.context_parallel_size={self.context_parallel_size}: context parallelism is not "
-                "implemented yet; use parallel.context_parallel_size=1"
-            )
 
     def expert_parallel_size_for(self, model: ModelConfig) -> int:
         """The expert-parallel size the model runs with: 1 for a model without MoE layers."""
@@ -38,6 +35,22 @@ class ParallelConfig:
 
     def check_model(self, model: ModelConfig) -> None:
         ep = self.expert_parallel_size_for(model)
+        cp = self.context_parallel_size
+        if cp > 1 and ep > 1:
+            raise ConfigError(
+                f"parallel.context_parallel_size={cp} with parallel.expert_parallel_size={ep}: the two are not "
+                "combined yet (untested rank layout); set one of them to 1"
+            )
+        gdn = model.gdn
+        if cp > 1 and "gated_deltanet" in model.layer_types and gdn.backend in ("triton", "auto"):
+            from hybridlm.kernels.gated_delta.chunk import MAX_HEAD_DIM
+
+            if gdn.head_k_dim + gdn.head_v_dim > MAX_HEAD_DIM:
+                raise ConfigError(
+                    f"parallel.context_parallel_size={cp} runs model.gdn.head_k_dim + head_v_dim = "
+                    f"{gdn.head_k_dim} + {gdn.head_v_dim} value channels through the Triton GDN kernels, which tile "
+                    f"at most {MAX_HEAD_DIM}; use smaller heads, model.gdn.backend=torch or context_parallel_size=1"
+                )
         num_experts = model.moe.num_experts
         if num_experts % ep:
             divisors = [d for d in range(1, num_experts + 1) if num_experts % d == 0]
@@ -62,7 +75,26 @@ class ParallelConfig:
                 "deepspeed=zero2"
             )
 
+    def check_seq_len(self, seq_len: int) -> None:
+        """Every rank's slice of a row a whole number of the GDN kernels' 64-token chunks."""
+        cp = self.context_parallel_size
+        if seq_len % (cp * 64):
+            raise ConfigError(
+                f"trainer.seq_len={seq_len} is not a multiple of parallel.context_parallel_size={cp} x 64: each of "
+                f"the {cp} ranks takes a slice of whole 64-token chunks; use a multiple of {cp * 64}"
+            )
+
+    def data_parallel_size(self, world_size: int) -> int:
+        """Ranks that read different rows: the world over the context-parallel groups."""
+        return world_size // self.context_parallel_size
+
     def check_world_size(self, model: ModelConfig, world_size: int) -> None:
+        cp = self.context_parallel_size
+        if world_size % cp:
+            raise ConfigError(
+                f"parallel.context_parallel_size={cp} does not divide the world size {world_size} (ranks launched): "
+                f"launch a multiple of {cp} ranks or choose a context_parallel_size that divides {world_size}"
+            )
         ep = self.expert_parallel_size_for(model)
         if world_size % ep:
             raise ConfigError(

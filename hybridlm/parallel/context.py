@@ -60,7 +60,7 @@ class ContextParallelGroup:
 
 @dataclass
 class ContextShard:
-    """This rank's slice of one batch of B rows of T tokens (`shard_batch` builds it): every position below is
+    """This rank's slice of one batch of B rows of T tokens (`shard_layout` builds it): every position below is
     global (along the whole row), every index local (into this rank's B * T/CP tokens flattened, as the GDN and conv
     layers flatten them)."""
 
@@ -83,30 +83,46 @@ class ContextShard:
         return self.position_in_doc.shape[1]
 
 
-def shard_batch(input_ids: torch.Tensor, labels: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
-                cp: ContextParallelGroup) -> tuple[torch.Tensor, torch.Tensor | None, ContextShard]:
-    """This rank's contiguous slice of every row of a batch that every rank of `cp` holds whole: (input_ids,
-    labels [B, T/CP], the shard's layout). `cu_seqlens` [N + 1] over the flattened B * T tokens (None: one document
-    per row), checked as for CP = 1."""
+    def local(self, tensor: torch.Tensor) -> torch.Tensor:
+        """This shard's slice [B, T/CP, ...] of a per-token tensor [B, T, ...] of the whole rows."""
+        return tensor[:, self.start : self.start + self.local_len]
+
+
+# The per-token fields of a batch (hybridlm.data.packing.collate) that shard_batch slices.
+PER_TOKEN_FIELDS = ("input_ids", "labels", "position_ids")
+
+
+def shard_batch(batch: dict, cp: ContextParallelGroup) -> dict:
+    """The model's keyword arguments for this rank's contiguous slice of every row of `batch` (which every rank of
+    `cp` holds whole): the per-token fields sliced to [B, T/CP] and `context=` the shard's layout in place of
+    `cu_seqlens` (None or absent: one document per row)."""
+    batch = dict(batch)
+    cu_seqlens = batch.pop("cu_seqlens", None)
+    shard = shard_layout(cu_seqlens, *batch["input_ids"].shape, cp)
+    return {key: shard.local(value) if key in PER_TOKEN_FIELDS and value is not None else value
+            for key, value in batch.items()} | {"context": shard}  # fmt: skip
+
+
+def shard_layout(cu_seqlens: torch.Tensor | None, batch: int, seq_len: int, cp: ContextParallelGroup) -> ContextShard:
+    """The layout of this rank's slice of `batch` rows of `seq_len` tokens whose documents `cu_seqlens` [N + 1]
+    marks over the flattened tokens (None: one document per row), checked as for CP = 1."""
     from hybridlm.model import check_packed_rows
 
-    batch, seq_len = input_ids.shape
     if seq_len % cp.size:
         raise ValueError(f"rows of T={seq_len} tokens do not split over context_parallel_size={cp.size} ranks; "
                          f"make trainer.seq_len a multiple of {cp.size} * 64")
-    device = input_ids.device
     local_len = seq_len // cp.size
     start = cp.rank * local_len
     packed = cu_seqlens is not None and cu_seqlens.numel() > batch + 1
     if cu_seqlens is None:
-        cu_seqlens = torch.arange(0, batch * seq_len + 1, seq_len, device=device)
+        cu_seqlens = torch.arange(0, batch * seq_len + 1, seq_len)
     check_packed_rows(cu_seqlens, batch, seq_len)
-    bounds = cu_seqlens.to(device=device, dtype=torch.int64)
+    bounds = cu_seqlens.to(torch.int64)
+    device = bounds.device
     index = torch.arange(batch * seq_len, device=device)
     segment_ids = torch.searchsorted(bounds[1:], index, right=True)
     global_position = (index - bounds[segment_ids]).view(batch, seq_len)
-    window = slice(start, start + local_len)
-    position_in_doc = global_position[:, window]
+    position_in_doc = global_position[:, start : start + local_len]
     # A local document starts at every global document start and at every row start of the shard.
     starts = position_in_doc == 0
     starts[:, 0] = True
@@ -114,13 +130,12 @@ def shard_batch(input_ids: torch.Tensor, labels: torch.Tensor | None, cu_seqlens
     doc_of_token = flat_starts.cumsum(0) - 1
     local_bounds = torch.cat([flat_starts.nonzero().flatten(), index.new_tensor([batch * local_len])])
     row_first = torch.arange(batch, device=device) * local_len
-    shard = ContextShard(
+    return ContextShard(
         cp=cp, seq_len=seq_len, start=start, cu_seqlens=local_bounds.to(torch.int32), position_in_doc=position_in_doc,
         continues=position_in_doc[:, 0] > 0, first_doc=doc_of_token[row_first],
         last_doc=doc_of_token[row_first + local_len - 1],
         segment_ids=segment_ids.view(batch, seq_len) if packed else None,
     )  # fmt: skip
-    return input_ids[:, window], None if labels is None else labels[:, window], shard
 
 
 def _all_gather(tensor: torch.Tensor, cp: ContextParallelGroup) -> list[torch.Tensor]:
@@ -286,3 +301,11 @@ def sum_over_shards(value: torch.Tensor, shard: ContextShard) -> torch.Tensor:
     total = value.detach().clone()
     dist.all_reduce(total, group=shard.cp.group)
     return total
+
+
+def scale_shares_for_data_parallel(out, cp: ContextParallelGroup) -> None:
+    """A shard's losses (HybridLM's LMOutput under `context=`) times CP, in place. DeepSpeed averages gradients
+    (and the trainer its logged losses) over all W ranks, but the CP ranks of one group hold shares of one loss:
+    with each share times CP, the average over W is the mean over the W / CP groups of their whole rows' losses."""
+    for key in ("loss", "ce_loss", "aux_loss", "z_loss"):
+        out[key] = out[key] * cp.size

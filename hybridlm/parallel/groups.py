@@ -11,7 +11,13 @@ micro-batches and holds every non-expert parameter):
 
 This is DeepSpeed's own E + D layout (deepspeed.utils.groups._create_expert_and_data_parallel), and the groups are
 DeepSpeed's, so its engine, ZeRO 1/2 optimizer and checkpoints use the same ones: rank r holds expert shard
-r % EP. Context parallelism's groups are built here too (parallel.context_parallel_size).
+r % EP.
+
+Context parallelism (CP = parallel.context_parallel_size; not combined with EP > 1 yet):
+
+    context-parallel groups      consecutive blocks of CP ranks (inside a node while CP <= GPUs per node: the
+                                 layers' all-gathers run on every layer); they read the same rows, data-parallel
+                                 rank = rank // CP of W / CP
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import torch.distributed as dist
 
 from hybridlm.config import ModelConfig
 from hybridlm.parallel.config import ParallelConfig
+from hybridlm.parallel.context import ContextParallelGroup
 
 
 @dataclass(frozen=True)
@@ -43,11 +50,25 @@ class ExpertParallelGroup:
 @dataclass(frozen=True)
 class ParallelGroups:
     expert: ExpertParallelGroup | None  # None: every rank holds every expert (EP = 1, or no MoE layers)
+    context: ContextParallelGroup | None = None  # None: every rank holds its rows whole (CP = 1)
+
+
+def _context_parallel_group(cp_size: int) -> ContextParallelGroup:
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    mine = None
+    for first in range(0, world_size, cp_size):  # every rank creates every group: new_group is collective
+        group = dist.new_group(list(range(first, first + cp_size)))
+        if first <= rank < first + cp_size:
+            mine = ContextParallelGroup(group=group, size=cp_size, rank=rank - first)
+    return mine
 
 
 def build_parallel_groups(parallel: ParallelConfig, model: ModelConfig) -> ParallelGroups:
     """The groups of this run; every rank must call it (group creation is collective)."""
     ep_size = parallel.expert_parallel_size_for(model)
+    if parallel.context_parallel_size > 1:
+        parallel.check_world_size(model, dist.get_world_size())
+        return ParallelGroups(expert=None, context=_context_parallel_group(parallel.context_parallel_size))
     if ep_size == 1:
         return ParallelGroups(expert=None)
     from deepspeed.utils import groups

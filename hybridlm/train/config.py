@@ -235,6 +235,8 @@ class TrainConfig:
         )
         self.parallel.check_model(self.model)
         self.parallel.check_zero_stage(self.model, self.deepspeed.zero_stage)
+        if self.parallel.context_parallel_size > 1:
+            self.parallel.check_seq_len(trainer.seq_len)
 
 
 def wsd_decay_steps(optim: OptimConfig, max_steps: int) -> int:

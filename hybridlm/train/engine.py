@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from hybridlm.parallel.groups import build_parallel_groups
+from hybridlm.parallel.groups import ParallelGroups, build_parallel_groups
 from hybridlm.train.config import DeepSpeedConfig, OptimConfig, TrainConfig
 from hybridlm.train.distributed import export_torch_env_from_scheduler
 from hybridlm.train.schedule import build_scheduler
@@ -117,13 +117,13 @@ def prepare_for_zero3(model: torch.nn.Module) -> None:
     register_external_parameter(model, head.weight)
 
 
-def build_engine(model: torch.nn.Module, cfg: TrainConfig, info: DistInfo):
+def build_engine(model: torch.nn.Module, cfg: TrainConfig, info: DistInfo, groups: ParallelGroups | None = None):
     """Wrap `model` (a HybridLM) in a DeepSpeed engine with torch AdamW, which runs the model's optimizer-step hook,
-    and the configured lr schedule (stepped by the engine)."""
+    and the configured lr schedule (stepped by the engine). `groups`: the run's (built here when not given)."""
     import deepspeed
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
-    groups = build_parallel_groups(cfg.parallel, cfg.model)
+    groups = groups or build_parallel_groups(cfg.parallel, cfg.model)
     param_groups = model.param_groups(cfg.optim.weight_decay)
     if groups.expert is not None:  # after init_from and any embedding resize: they see the full experts
         from hybridlm.parallel.expert import shard_experts

@@ -21,6 +21,8 @@ from hybridlm.train.callbacks import Callback, default_callbacks
 from hybridlm.train.checkpoint import load_checkpoint, resolve_resume, set_rng_state
 from hybridlm.train.config import TrainConfig
 from hybridlm.train.determinism import make_deterministic
+from hybridlm.parallel.context import scale_shares_for_data_parallel, shard_batch
+from hybridlm.parallel.groups import build_parallel_groups
 from hybridlm.train.engine import DistInfo, build_engine, init_distributed
 from hybridlm.train.kernel_check import check_kernels
 from hybridlm.train.metrics import MetricsWindow
@@ -37,7 +39,9 @@ def _seed_everything(seed: int) -> None:
 
 def _build_data_in_turn(cfg: TrainConfig, info: DistInfo):
     """Rank 0 first (it may train the tokenizer and fill the token cache), then the first rank of each other node
-    (node-local caches), then everyone else reads the cache."""
+    (node-local caches), then everyone else reads the cache. The ranks of a context-parallel group read the same
+    rows: the data is sharded over the data-parallel ranks (rank // CP of world / CP)."""
+    cp = cfg.parallel.context_parallel_size
     turns = (info.rank == 0, info.rank != 0 and info.local_rank == 0, info.local_rank != 0)
     bundle = None
     for my_turn in turns:
@@ -46,8 +50,8 @@ def _build_data_in_turn(cfg: TrainConfig, info: DistInfo):
                 cfg.data,
                 seq_len=cfg.trainer.seq_len,
                 micro_batch_size=cfg.deepspeed.micro_batch_size,
-                rank=info.rank,
-                world_size=info.world_size,
+                rank=info.rank // cp,
+                world_size=cfg.parallel.data_parallel_size(info.world_size),
                 seed=cfg.trainer.seed,
                 model_vocab_size=cfg.model.vocab_size,
                 init_from=cfg.model.init_from,
@@ -112,7 +116,11 @@ def _train(cfg: TrainConfig, preemption: PreemptionHandler, callbacks: list[Call
         step_batches, loss_divisor = _step_batches(run.bundle, ds.grad_accum_steps, info, step_token_mean)
         for batch in step_batches:
             batch = {key: value.to(info.device, non_blocking=True) for key, value in batch.items()}
+            if run.context_parallel is not None:
+                batch = shard_batch(batch, run.context_parallel)
             out = engine(**batch) if loss_divisor is None else engine(**batch, num_items_in_batch=loss_divisor)
+            if run.context_parallel is not None:
+                scale_shares_for_data_parallel(out, run.context_parallel)
             engine.backward(out.loss)
             boundary = engine.is_gradient_accumulation_boundary()
             if boundary and measure_grad_norm:
@@ -169,7 +177,8 @@ def _build(cfg: TrainConfig, preemption: PreemptionHandler, resume_from: Path | 
                   flush=True)
         model.resize_token_embeddings(bundle.vocab_size)
         cfg.model.vocab_size = bundle.vocab_size  # what the checkpoints' config records, so resume and export agree
-    engine = build_engine(model, cfg, info)
+    groups = build_parallel_groups(cfg.parallel, cfg.model)
+    engine = build_engine(model, cfg, info, groups)
 
     step, tokens_seen = 0, 0
     if resume_from is not None:
@@ -186,6 +195,7 @@ def _build(cfg: TrainConfig, preemption: PreemptionHandler, resume_from: Path | 
     return RunState(
         cfg=cfg, info=info, engine=engine, bundle=bundle, window=MetricsWindow(info.device, moe_layer_ids),
         progress=progress, callbacks=callbacks, resume_from=resume_from, checkpoint=resume_from, step=step,
-        tokens_seen=tokens_seen,
-        tokens_per_step=ds.micro_batch_size * ds.grad_accum_steps * info.world_size * trainer.seq_len,
+        tokens_seen=tokens_seen, context_parallel=groups.context,
+        tokens_per_step=(ds.micro_batch_size * ds.grad_accum_steps * trainer.seq_len
+                         * cfg.parallel.data_parallel_size(info.world_size)),
     )  # fmt: skip

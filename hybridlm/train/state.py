@@ -28,6 +28,7 @@ class RunState:
     callbacks: list[Callback]
     tokens_per_step: int
     resume_from: Path | None
+    context_parallel: Any = None  # hybridlm.parallel.context.ContextParallelGroup; None: CP = 1
     step: int = 0
     tokens_seen: int = 0
     lr: float = 0.0  # of the step being trained
