@@ -172,3 +172,32 @@ def test_context_parallel_model_matches_the_whole_rows(model_results, size):
         for name, grad in want["grads"].items():
             assert grad.norm() > 0, name  # every parameter takes part
             assert _relative_error(got["grads"][name], grad) <= 1e-5, name
+
+
+# --- training through train.py: CP 2 x DP 2 on 4 gloo ranks against DP 2 ------------------------------------------
+
+TRAIN_STEPS = 10
+
+
+def _train_overrides(cache, cp: int) -> list[str]:
+    from helpers.launch import tiny_run
+
+    # 128-token rows of packed stdlib documents, which cross the shard boundary at 64.
+    return tiny_run(cache) + [
+        f"trainer.max_steps={TRAIN_STEPS}", "trainer.seq_len=128", f"parallel.context_parallel_size={cp}",
+        "trainer.kernel_check=false", "model.moe.aux_loss_coef=0.01", "model.moe.z_loss_coef=0.001",
+    ]  # fmt: skip
+
+
+def test_context_and_data_parallel_training_matches_data_parallel(tmp_path, data_cache):
+    from helpers.launch import read_metrics, train
+
+    train(tmp_path / "dp2", _train_overrides(data_cache, 1), nproc=2)
+    train(tmp_path / "cp2_dp2", _train_overrides(data_cache, 2), nproc=4)
+    dp, cp = read_metrics(tmp_path / "dp2"), read_metrics(tmp_path / "cp2_dp2")
+    assert sorted(cp) == list(range(1, TRAIN_STEPS + 1))
+    for step in cp:
+        for key in ("loss", "aux_loss", "z_loss", "grad_norm"):
+            assert cp[step][key] == pytest.approx(dp[step][key], rel=1e-5), (step, key)
+    # Each token counted once: the same tokens per step, on twice the ranks.
+    assert cp[TRAIN_STEPS]["tokens_seen"] == dp[TRAIN_STEPS]["tokens_seen"] == TRAIN_STEPS * 2 * 2 * 128
