@@ -147,7 +147,41 @@ def _model_worker(rank: int, world_size: int) -> dict:
             torch.distributed.all_reduce(grad, group=group)
         run["window"] = (shard.start, shard.start + shard.local_len)
         results[f"cp{size}"] = run
+    results["saved"] = _saved_bytes(model, pairs[rank // 2], rank)
     return results
+
+
+def _saved_bytes(model, pair_group, rank: int) -> dict:
+    """Bytes one rank's GDN (on our Triton kernels, the GPU path), MoE and dense MLP layers save for backward, for
+    CP = 1, 2, 4 on the same rows."""
+    from hybridlm.evaluate.memory import saved_for_backward
+    from hybridlm.parallel.context import ContextParallelGroup, context_layout, shard_layout
+
+    model.config.gdn.backend = "triton"
+    _, _, cu_seqlens = _model_batch()
+    x = torch.randn(2, SEQ, model.config.hidden_size)
+    gdn, moe, dense = model.layers[0].linear_attn, model.layers[0].mlp, model.layers[3].mlp
+    params = list(model.parameters())
+    full = model._layout(torch.zeros(2, SEQ, dtype=torch.long), None, cu_seqlens, None, None)
+
+    def measure(fn):
+        return sum(saved_for_backward(fn, params)[1].values())
+
+    flat = x.reshape(1, 2 * SEQ, -1)
+    saved = {1: dict(gdn=measure(lambda: gdn(flat.clone().requires_grad_(), full.cu_seqlens, full.position_in_doc,
+                                             chunk_layout=full.gdn_chunk_layout)),
+                     moe=measure(lambda: moe(x.clone().requires_grad_())),
+                     dense=measure(lambda: dense(x.clone().requires_grad_())))}  # fmt: skip
+    for size, group in ((2, pair_group), (4, None)):
+        shard = shard_layout(cu_seqlens, 2, SEQ, ContextParallelGroup(group=group, size=size, rank=rank % size))
+        layout, local = context_layout(shard, model.config), shard.local(x)
+        saved[size] = dict(
+            gdn=measure(lambda: gdn(local.clone().requires_grad_(), chunk_layout=layout.gdn_chunk_layout,
+                                    context=shard)),
+            moe=measure(lambda: moe(local.clone().requires_grad_())),
+            dense=measure(lambda: dense(local.clone().requires_grad_())),
+        )  # fmt: skip
+    return saved
 
 
 @pytest.fixture(scope="module")
@@ -201,3 +235,15 @@ def test_context_and_data_parallel_training_matches_data_parallel(tmp_path, data
             assert cp[step][key] == pytest.approx(dp[step][key], rel=1e-5), (step, key)
     # Each token counted once: the same tokens per step, on twice the ranks.
     assert cp[TRAIN_STEPS]["tokens_seen"] == dp[TRAIN_STEPS]["tokens_seen"] == TRAIN_STEPS * 2 * 2 * 128
+
+
+def test_saved_for_backward_bytes_per_rank_fall_as_one_over_cp(model_results):
+    for result in model_results:
+        saved = result["saved"]
+        for size in (2, 4):
+            for kind in ("moe", "dense"):  # per token: the shard's share (MoE: a few routing bytes more)
+                assert saved[size][kind] == pytest.approx(saved[1][kind] / size, rel=0.01), (size, kind)
+            # Per token as CP = 1 plus the carry: K value channels more in the chunked call, and the carry read-out
+            # q^T P kept for the state's gradient (state passing's price), plus the shard's few K x (V + K) states.
+            assert saved[size]["gdn"] <= 1.4 * saved[1]["gdn"] / size, size
+        assert saved[4]["gdn"] <= 0.6 * saved[2]["gdn"]

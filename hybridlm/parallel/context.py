@@ -202,7 +202,7 @@ def context_parallel_gated_delta_rule(q, k, v, shard: ContextShard, *, backend: 
     from hybridlm.kernels.gated_delta.chunk import MAX_HEAD_DIM
 
     for name in ("initial_state", "output_final_state", "cu_seqlens"):
-        if kwargs.get(name) not in (None, False):
+        if kwargs.get(name) is not None and kwargs[name] is not False:
             raise ValueError(f"context_parallel_gated_delta_rule got {name}=: under context parallelism every row "
                              "starts from a zero state and the documents are the shard's (shard.cu_seqlens)")
     head_k_dim, (num_v_heads, head_v_dim) = k.shape[-1], v.shape[-2:]
