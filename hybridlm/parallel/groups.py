@@ -53,7 +53,8 @@ class ParallelGroups:
     context: ContextParallelGroup | None = None  # None: every rank holds its rows whole (CP = 1)
 
 
-def _context_parallel_group(cp_size: int) -> ContextParallelGroup:
+def context_parallel_group(cp_size: int) -> ContextParallelGroup:
+    """This rank's block of `cp_size` consecutive ranks (every rank must call it: group creation is collective)."""
     rank, world_size = dist.get_rank(), dist.get_world_size()
     mine = None
     for first in range(0, world_size, cp_size):  # every rank creates every group: new_group is collective
@@ -68,7 +69,7 @@ def build_parallel_groups(parallel: ParallelConfig, model: ModelConfig) -> Paral
     ep_size = parallel.expert_parallel_size_for(model)
     if parallel.context_parallel_size > 1:
         parallel.check_world_size(model, dist.get_world_size())
-        return ParallelGroups(expert=None, context=_context_parallel_group(parallel.context_parallel_size))
+        return ParallelGroups(expert=None, context=context_parallel_group(parallel.context_parallel_size))
     if ep_size == 1:
         return ParallelGroups(expert=None)
     from deepspeed.utils import groups
