@@ -21,7 +21,8 @@ def run(*argv: str, timeout: int = 600) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize(
-    "script", ["train_throughput.py", "decode.py", "moe_ep.py", "plot.py", "../mqar_gdn_vs_hybrid.py",
+    "script", ["train_throughput.py", "decode.py", "moe_ep.py", "plot.py", "context_parallel.py",
+               "../mqar_gdn_vs_hybrid.py",
                "../deepconf_arithmetic.py"]
 )
 def test_help_works_without_a_gpu(script):
@@ -45,6 +46,17 @@ def check_metadata(report: dict) -> None:
         assert report[key], key
     assert report["tiny"] is True and report["complete"] is True
     assert {"torch", "transformers", "hybridlm"} <= set(report["versions"])
+
+
+@pytest.mark.slow  # two gloo ranks on CPU, two model builds and steps: ~70 s on a busy 2-core box
+def test_context_parallel_smoke(tmp_path):
+    out = tmp_path / "cp.json"
+    proc = run(str(BENCH / "context_parallel.py"), "--smoke", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(out.read_text())
+    assert report["complete"] is True and report["benchmark"] == "context_parallel"
+    assert [(row["seq_len"], row["context_parallel"]) for row in report["results"]] == [(256, 1), (256, 2)]
+    assert all(row["tokens_per_s_per_gpu"] > 0 and row["world_size"] == 2 for row in report["results"])
 
 
 @pytest.mark.slow  # both suites, the twin, five experts implementations: 12 s idle, ~50 s on a busy 2-core box

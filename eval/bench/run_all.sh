@@ -6,6 +6,8 @@
 #                                    # the expert-parallel MoE layer at EP = 1..8 (only on a node with >= 2 GPUs,
 #                                    # about 4 minutes more)
 #   eval/bench/run_all.sh --long     # also the 32K and 64K crossover points (about 4 minutes more)
+#   eval/bench/run_all.sh --context-parallel   # also context_parallel.py over every visible GPU (torchrun), CP up
+#                                    # to the GPU count at 16K-256K tokens per row (issue 17's targets need 8 GPUs)
 #
 # Results (device, versions, date, git commit, command in each file) go to eval/bench/results/: one JSON (+ PNG)
 # per benchmark, results/README.md with every table, and the tables between the bench-results markers of the
@@ -18,10 +20,12 @@ cd "$(dirname "$0")/../.."
 PYTHON=${PYTHON:-python}
 MODEL=${MODEL:-configs/model/gpu_1b.yaml}
 LONG=0
+CONTEXT_PARALLEL=0
 for arg in "$@"; do
     case "$arg" in
         --long) LONG=1 ;;
-        *) echo "usage: $0 [--long]   (unknown argument: $arg)" >&2; exit 2 ;;
+        --context-parallel) CONTEXT_PARALLEL=1 ;;
+        *) echo "usage: $0 [--long] [--context-parallel]   (unknown argument: $arg)" >&2; exit 2 ;;
     esac
 done
 
@@ -66,6 +70,14 @@ bench decode 90 "$PYTHON" eval/bench/decode.py --model "$MODEL" --context 32768 
     --out "$RESULTS/decode_$TAG.json"
 bench gated_delta 50 "$PYTHON" eval/bench/gated_delta.py --out "$RESULTS/gated_delta_$TAG.json"
 bench moe 50 "$PYTHON" eval/bench/moe.py --out "$RESULTS/moe_$TAG.json"
+if [ "$CONTEXT_PARALLEL" -eq 1 ]; then
+    GPUS=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')
+    CP_SIZES=()
+    for cp in 1 2 4 8; do [ "$cp" -le "$GPUS" ] && CP_SIZES+=("$cp"); done
+    bench context_parallel 900 "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$GPUS" \
+        eval/bench/context_parallel.py --model "$MODEL" --seq-lens 16384 65536 131072 262144 \
+        --context-parallel "${CP_SIZES[@]}" --activation-checkpointing --out "$RESULTS/context_parallel_$TAG.json"
+fi
 bench tables 30 "$PYTHON" eval/bench/plot.py --markdown-out "$RESULTS/README.md" --readme README.md
 # Last, so that a caller's time limit sized for one GPU (gpu_kit.py) cuts only this one; plot.py has no table for
 # it yet: read its JSON.
