@@ -96,7 +96,8 @@ def _cp_model():
     from hybridlm.model import HybridLM
 
     cfg = ModelConfig(
-        vocab_size=97, hidden_size=32, initializer_range=0.1, num_layers=4, layer_pattern="GGGA", mlp_pattern="MMMD", intermediate_size=48,
+        vocab_size=97, hidden_size=32, initializer_range=0.1, num_layers=4, layer_pattern="GGGA", mlp_pattern="MMMD",
+        intermediate_size=48,
         gdn=GatedDeltaNetConfig(num_k_heads=2, num_v_heads=4, head_k_dim=8, head_v_dim=8, backend="torch"),
         attention=AttentionConfig(num_heads=4, num_kv_heads=2, head_dim=8, backend="sdpa"),
         moe=MoEConfig(num_experts=4, top_k=2, intermediate_size=16, aux_loss_coef=0.01, z_loss_coef=0.001,

@@ -67,7 +67,7 @@ class ContextShard:
     cp: ContextParallelGroup
     seq_len: int  # T, the whole row
     start: int  # first token of each row held here: rank * T / CP
-    cu_seqlens: torch.Tensor  # [N + 1] int32: local documents over the flattened B * T/CP tokens, every row start in
+    cu_seqlens: torch.Tensor  # [N + 1] int32: local documents over the flattened B * T/CP tokens, row starts too
     position_in_doc: torch.Tensor  # [B, T/CP] position inside its document (0 at a document start)
     continues: torch.Tensor  # [B] bool: the row's first token here continues a document of the previous shard
     first_doc: torch.Tensor  # [B] local document of each row's first token
@@ -81,7 +81,6 @@ class ContextShard:
     @property
     def local_len(self) -> int:
         return self.position_in_doc.shape[1]
-
 
     def local(self, tensor: torch.Tensor) -> torch.Tensor:
         """This shard's slice [B, T/CP, ...] of a per-token tensor [B, T, ...] of the whole rows."""
@@ -98,14 +97,15 @@ def shard_batch(batch: dict, cp: ContextParallelGroup) -> dict:
     `cu_seqlens` (None or absent: one document per row)."""
     batch = dict(batch)
     cu_seqlens = batch.pop("cu_seqlens", None)
-    shard = shard_layout(cu_seqlens, *batch["input_ids"].shape, cp)
+    shard = shard_layout(cu_seqlens, *batch["input_ids"].shape, cp, device=batch["input_ids"].device)
     return {key: shard.local(value) if key in PER_TOKEN_FIELDS and value is not None else value
             for key, value in batch.items()} | {"context": shard}  # fmt: skip
 
 
-def shard_layout(cu_seqlens: torch.Tensor | None, batch: int, seq_len: int, cp: ContextParallelGroup) -> ContextShard:
+def shard_layout(cu_seqlens: torch.Tensor | None, batch: int, seq_len: int, cp: ContextParallelGroup,
+                 device: torch.device | None = None) -> ContextShard:  # fmt: skip
     """The layout of this rank's slice of `batch` rows of `seq_len` tokens whose documents `cu_seqlens` [N + 1]
-    marks over the flattened tokens (None: one document per row), checked as for CP = 1."""
+    marks over the flattened tokens (None: one document per row, on `device`), checked as for CP = 1."""
     from hybridlm.model import check_packed_rows
 
     if seq_len % cp.size:
@@ -115,7 +115,7 @@ def shard_layout(cu_seqlens: torch.Tensor | None, batch: int, seq_len: int, cp: 
     start = cp.rank * local_len
     packed = cu_seqlens is not None and cu_seqlens.numel() > batch + 1
     if cu_seqlens is None:
-        cu_seqlens = torch.arange(0, batch * seq_len + 1, seq_len)
+        cu_seqlens = torch.arange(0, batch * seq_len + 1, seq_len, device=device)
     check_packed_rows(cu_seqlens, batch, seq_len)
     bounds = cu_seqlens.to(torch.int64)
     device = bounds.device
@@ -292,8 +292,9 @@ def context_layout(shard: ContextShard, cfg):
     if "gated_deltanet" in cfg.layer_types:
         chunk_layout = ops.prepare_gdn_chunk_layout(shard.cu_seqlens, shard.rows * shard.local_len,
                                                     backend=cfg.gdn.backend)  # fmt: skip
-    return TokenLayout(position_ids=shard.position_in_doc, attention=attention_pattern(shard, cfg.attention.sliding_window),
-                       gdn_chunk_layout=chunk_layout, context=shard)  # fmt: skip
+    attention = attention_pattern(shard, cfg.attention.sliding_window)
+    return TokenLayout(position_ids=shard.position_in_doc, attention=attention, gdn_chunk_layout=chunk_layout,
+                       context=shard)
 
 
 def sum_over_shards(value: torch.Tensor, shard: ContextShard) -> torch.Tensor:
