@@ -126,7 +126,7 @@ def add_generate_parser(subparsers) -> None:
 def _run_generate(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
-    from hybridlm.export.checkpoint import read_checkpoint
+    from hybridlm.checkpoint.reader import read_checkpoint
 
     ckpt = read_checkpoint(args.checkpoint)
     if ckpt.tokenizer_dir is None:

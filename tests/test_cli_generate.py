@@ -10,7 +10,7 @@ from hybridlm.cli import main as cli_main
 from hybridlm.config import AttentionConfig, GatedDeltaNetConfig, ModelConfig, MoEConfig
 from hybridlm.data.tokenizer import train_byte_level_bpe
 from hybridlm.export import export_checkpoint
-from hybridlm.export.checkpoint import Checkpoint
+from hybridlm.checkpoint.reader import Checkpoint
 from hybridlm.export.writer import write_model_dir
 from hybridlm.generate import generate
 from hybridlm.model import HybridLM

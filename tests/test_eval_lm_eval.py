@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from hybridlm.config import AttentionConfig, GatedDeltaNetConfig, ModelConfig, MoEConfig
 from hybridlm.data.tokenizer import encode_documents, train_byte_level_bpe
 from hybridlm.data.packing import IGNORE_INDEX
-from hybridlm.export.checkpoint import Checkpoint
+from hybridlm.checkpoint.reader import Checkpoint
 from hybridlm.export.writer import write_model_dir
 from hybridlm.model import HybridLM
 

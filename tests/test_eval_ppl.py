@@ -16,7 +16,7 @@ from hybridlm.config import AttentionConfig, GatedDeltaNetConfig, ModelConfig, M
 from hybridlm.data.tokenizer import encode_documents, train_byte_level_bpe
 from hybridlm.evaluate.cli import add_eval_parser
 from hybridlm.evaluate.ppl import InMemoryDocuments, evaluate_perplexity, num_document_rows, packed_batches
-from hybridlm.export.checkpoint import Checkpoint
+from hybridlm.checkpoint.reader import Checkpoint
 from hybridlm.export.writer import write_model_dir
 from hybridlm.model import HybridLM
 

@@ -191,9 +191,9 @@ def test_expert_parallel_resume_reproduces_the_uninterrupted_run_bitwise(ep_runs
 
 
 def test_expert_parallel_checkpoint_reads_back_the_full_experts(ep_runs):
-    from hybridlm.export.checkpoint import read_checkpoint
+    from hybridlm.checkpoint.reader import read_checkpoint
     from hybridlm.model import HybridLM
-    from hybridlm.parallel.checkpoint import check_resume_expert_parallel_size, read_expert_parallel_size
+    from hybridlm.checkpoint.experts import check_resume_expert_parallel_size, read_expert_parallel_size
 
     sharded, plain = read_checkpoint(ep_runs(2)["ep"]), read_checkpoint(ep_runs(2)["ep1"])
     engine_dir = sharded.source

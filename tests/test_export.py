@@ -23,9 +23,11 @@ import hybridlm  # noqa: F401 - registers the hybridlm model type with transform
 from hybridlm.cli import main as cli_main
 from hybridlm.config import AttentionConfig, GatedDeltaNetConfig, ModelConfig, MoEConfig
 from hybridlm.data.tokenizer import train_byte_level_bpe
-from hybridlm.export import ExportError, export_checkpoint, load_pretrained_into
-from hybridlm.export.checkpoint import read_checkpoint
-from hybridlm.export.formats import FORMATS
+from hybridlm.checkpoint import CheckpointError
+from hybridlm.checkpoint.init_from import load_pretrained_into
+from hybridlm.export import ExportError, export_checkpoint
+from hybridlm.checkpoint.reader import read_checkpoint
+from hybridlm.checkpoint.formats import FORMATS
 from hybridlm.export.hub import PUSH_RECORD
 from hybridlm.export.writer import export_and_push_once
 from hybridlm.model import HybridLM
@@ -66,7 +68,7 @@ def tokenizer():
 
 
 def write_run(root: Path, model: HybridLM, tokenizer, step: int = 3, state: dict | None = None) -> Path:
-    """A run directory laid out as the trainer writes it (hybridlm/train/checkpoint.py) for a ZeRO-0/1/2 engine:
+    """A run directory laid out as the trainer writes it (hybridlm/checkpoint/layout.py) for a ZeRO-0/1/2 engine:
     checkpoints/latest -> step_XXXXXXXX/{engine/mp_rank_00_model_states.pt, config.yaml, tokenizer/, trainer_state}."""
     step_dir = root / "checkpoints" / f"step_{step:08d}"
     (step_dir / "engine").mkdir(parents=True)
@@ -117,7 +119,7 @@ def test_run_directory_resolves_to_the_newest_complete_checkpoint_as_resume_does
 
 def test_a_run_without_a_complete_checkpoint_is_refused(tmp_path):
     (tmp_path / "run" / "checkpoints" / ".tmp-step_00000001" / "engine").mkdir(parents=True)
-    with pytest.raises(ExportError, match="holds no complete checkpoint"):
+    with pytest.raises(CheckpointError, match="holds no complete checkpoint"):
         export_checkpoint(tmp_path / "run", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
@@ -197,7 +199,7 @@ def test_load_pretrained_into_copies_weights_and_refuses_another_architecture(ru
     assert meta["step"] == 3
     assert all(torch.equal(target.state_dict()[k], v) for k, v in model.state_dict().items())
     other = random_model(small_config(norm_eps=1e-5, layer_pattern="GGAA"))
-    with pytest.raises(ExportError, match=r"(?s)model.layer_pattern.*model.norm_eps"):
+    with pytest.raises(CheckpointError, match=r"(?s)model.layer_pattern.*model.norm_eps"):
         load_pretrained_into(other, root)
 
 
@@ -214,7 +216,7 @@ def test_init_from_compares_only_the_settings_the_model_uses(tmp_path, tokenizer
     load_pretrained_into(HybridLM(dataclasses.replace(gdn_only, attention=AttentionConfig(num_heads=8))), root)
     other_gdn = dataclasses.replace(gdn_only, gdn=GatedDeltaNetConfig(num_k_heads=2, num_v_heads=4, head_k_dim=8,
                                                                       head_v_dim=8, conv_kernel=2))
-    with pytest.raises(ExportError, match=r"model.gdn.conv_kernel: ours 2, checkpoint 4"):
+    with pytest.raises(CheckpointError, match=r"model.gdn.conv_kernel: ours 2, checkpoint 4"):
         load_pretrained_into(HybridLM(other_gdn), root)
 
 
@@ -262,7 +264,7 @@ def test_nan_or_inf_weights_are_refused(tmp_path, tokenizer):
     state["layers.0.linear_attn.A_log"][1] = float("nan")
     state["norm.weight"][0] = float("inf")
     root = write_run(tmp_path / "run", model, tokenizer, state=state)
-    with pytest.raises(ExportError, match=r"NaN or inf in \['layers.0.linear_attn.A_log', 'norm.weight'\]"):
+    with pytest.raises(CheckpointError, match=r"NaN or inf in \['layers.0.linear_attn.A_log', 'norm.weight'\]"):
         export_checkpoint(root, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
@@ -287,7 +289,7 @@ def test_tensors_that_do_not_match_the_config_are_refused(tmp_path, tokenizer):
     state["layers.1.mlp.up_proj.weight"] = torch.zeros(41, 32)
     state["layers.9.extra"] = torch.zeros(1)
     root = write_run(tmp_path / "run", model, tokenizer, state=state)
-    with pytest.raises(ExportError) as error:
+    with pytest.raises(CheckpointError) as error:
         export_checkpoint(root, tmp_path / "out")
     message = str(error.value)
     assert "missing layers.3.self_attn.k_norm.weight" in message
@@ -301,10 +303,10 @@ def test_missing_or_truncated_shard_is_refused(run, tmp_path):
     shards = sorted(out.glob("model-*.safetensors"))
     data = shards[1].read_bytes()
     shards[1].write_bytes(data[: len(data) // 2])
-    with pytest.raises(ExportError, match=rf"{shards[1].name} is truncated or corrupt"):
+    with pytest.raises(CheckpointError, match=rf"{shards[1].name} is truncated or corrupt"):
         export_checkpoint(out, tmp_path / "again")
     shards[1].unlink()
-    with pytest.raises(ExportError, match=rf"shard\(s\) \['{shards[1].name}'\] listed in .* are missing"):
+    with pytest.raises(CheckpointError, match=rf"shard\(s\) \['{shards[1].name}'\] listed in .* are missing"):
         read_checkpoint(out)
     assert not (tmp_path / "again").exists()
 
@@ -364,7 +366,7 @@ def test_native_checkpoints_that_we_cannot_import_are_refused(qwen3_next_export,
     edit, message = NATIVE_REFUSALS[case]
     source = shutil.copytree(qwen3_next_export, tmp_path / "source")
     _edit_config(source, **edit)
-    with pytest.raises(ExportError, match=message):
+    with pytest.raises(CheckpointError, match=message):
         export_checkpoint(source, tmp_path / "out", format="hybridlm")
     assert not (tmp_path / "out").exists()
 
@@ -381,7 +383,7 @@ def test_a_tied_checkpoint_with_a_different_lm_head_is_refused(tmp_path, tokeniz
     _rewrite_safetensors(export, lambda t: {**t, "lm_head.weight": t["model.embed_tokens.weight"].clone()})
     assert torch.equal(read_checkpoint(export).state_dict["embed_tokens.weight"], model.embed_tokens.weight)
     _rewrite_safetensors(export, lambda t: {**t, "lm_head.weight": t["lm_head.weight"] + 1})
-    with pytest.raises(ExportError, match="ties the embeddings .* but its lm_head.weight differs"):
+    with pytest.raises(CheckpointError, match="ties the embeddings .* but its lm_head.weight differs"):
         read_checkpoint(export)
 
 
@@ -389,13 +391,13 @@ def test_hybridlm_exports_with_broken_tensors_are_refused(run, tmp_path):
     root, _ = run
     single = export_checkpoint(root, tmp_path / "single", dtype="fp32")
     _rewrite_safetensors(single, lambda t: {k.removeprefix("model."): v for k, v in t.items()})
-    with pytest.raises(ExportError, match=r"hybridlm tensors must start with 'model.'; found \['embed_tokens.weight'"):
+    with pytest.raises(CheckpointError, match=r"hybridlm tensors must start with 'model.'; found \['embed_tokens.weight'"):
         export_checkpoint(single, tmp_path / "out")
     sharded = export_checkpoint(root, tmp_path / "sharded", dtype="fp32", shard_size="40KB")
     index = json.loads((sharded / "model.safetensors.index.json").read_text())
     index["weight_map"]["model.layers.0.ghost"] = next(iter(index["weight_map"].values()))
     (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
-    with pytest.raises(ExportError, match=r"tensors \['model.layers.0.ghost'\] listed in the index are not in"):
+    with pytest.raises(CheckpointError, match=r"tensors \['model.layers.0.ghost'\] listed in the index are not in"):
         export_checkpoint(sharded, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
@@ -405,10 +407,10 @@ def test_deepspeed_sources_without_their_parts_are_refused(run, tmp_path):
     save_dir = tmp_path / "deepspeed_save"  # DeepSpeed's own layout: latest -> tag directory
     save_dir.mkdir()
     (save_dir / "latest").write_text("global_step9")
-    with pytest.raises(ExportError, match=r"latest points to 'global_step9', but .*global_step9 does not exist"):
+    with pytest.raises(CheckpointError, match=r"latest points to 'global_step9', but .*global_step9 does not exist"):
         export_checkpoint(save_dir, tmp_path / "out")
     (root / "checkpoints" / "step_00000003" / "config.yaml").unlink()
-    with pytest.raises(ExportError, match="no config YAML with a `model:` section beside"):
+    with pytest.raises(CheckpointError, match="no config YAML with a `model:` section beside"):
         export_checkpoint(root, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
@@ -446,9 +448,9 @@ def test_bad_arguments_fail_before_any_work(run, tmp_path):
             export_checkpoint(root, tmp_path / "out", **kwargs)
     with pytest.raises(ExportError, match="not empty"):
         export_checkpoint(root, tmp_path / "full")
-    with pytest.raises(ExportError, match="does not exist"):
+    with pytest.raises(CheckpointError, match="does not exist"):
         export_checkpoint(tmp_path / "nowhere", tmp_path / "out")
-    with pytest.raises(ExportError, match="no checkpoint found"):
+    with pytest.raises(CheckpointError, match="no checkpoint found"):
         export_checkpoint(tmp_path / "full", tmp_path / "out")
     assert not (tmp_path / "out").exists() and (tmp_path / "full" / "keep.txt").read_text() == "x"
 

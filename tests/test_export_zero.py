@@ -9,10 +9,12 @@ import pytest
 import torch
 from helpers.launch import tiny_run, train
 
-from hybridlm.export import ExportError, export_checkpoint, load_pretrained_into
-from hybridlm.export.checkpoint import read_checkpoint
+from hybridlm.checkpoint import CheckpointError
+from hybridlm.checkpoint.init_from import load_pretrained_into
+from hybridlm.export import export_checkpoint
+from hybridlm.checkpoint.reader import read_checkpoint
 from hybridlm.model import HybridLM
-from hybridlm.train.checkpoint import complete_checkpoints
+from hybridlm.checkpoint.layout import complete_checkpoints
 
 pytestmark = pytest.mark.slow  # each DeepSpeed run takes 20-40 s on 2 cores
 
@@ -83,6 +85,6 @@ def test_damaged_zero_shards_are_refused(zero3_run, tmp_path, damage):
         shard.unlink()
     else:
         shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
-    with pytest.raises(ExportError, match=rf"cannot consolidate the ZeRO shards in {engine}"):
+    with pytest.raises(CheckpointError, match=rf"cannot consolidate the ZeRO shards in {engine}"):
         export_checkpoint(run_dir, tmp_path / "out")
     assert not (tmp_path / "out").exists()

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from hybridlm.config import AttentionConfig, GatedDeltaNetConfig, ModelConfig, MoEConfig
-from hybridlm.export.checkpoint import Checkpoint
+from hybridlm.checkpoint.reader import Checkpoint
 from hybridlm.export.writer import write_model_dir
 from hybridlm.model import HybridLM
 

@@ -49,7 +49,7 @@ def test_repository_root_does_not_shadow_hugging_face_kernels(tmp_path):
     Qwen3-Next / Qwen3.5-MoE classes, fla and an AutoModel load of one of our exports all import as they should."""
     from hybridlm.config import ModelConfig
     from hybridlm.export import export_checkpoint
-    from hybridlm.export.checkpoint import Checkpoint
+    from hybridlm.checkpoint.reader import Checkpoint
     from hybridlm.export.writer import write_model_dir
     from hybridlm.model import HybridLM
 

@@ -18,7 +18,7 @@ from helpers.launch import REPO, TINY_MODEL, tiny_run, train
 from hybridlm.cli import main as cli_main
 from hybridlm.data.packing import IGNORE_INDEX
 from hybridlm.export import export_checkpoint
-from hybridlm.export.checkpoint import read_checkpoint
+from hybridlm.checkpoint.reader import read_checkpoint
 from hybridlm.generate import chat_prompt_ids, generate
 
 SFT_DIR = REPO / "examples" / "sft"

@@ -20,7 +20,7 @@ import pytest
 from helpers.distributed import run_distributed_test
 from helpers.launch import REPO, read_metrics, tiny_run, train, train_command, train_env
 
-from hybridlm.train.checkpoint import complete_checkpoints
+from hybridlm.checkpoint.layout import complete_checkpoints
 from hybridlm.train.distributed import TORCH_ENV_KEYS, export_torch_env_from_scheduler, job_master_port
 from hybridlm.train.preemption import PreemptionHandler, parse_signal
 

@@ -18,8 +18,10 @@ import torch
 from helpers.crash_during_save import CRASH_EXIT_CODE
 from helpers.launch import REPO, TINY_MODEL, read_metrics, tiny_run, train, train_env
 
-import hybridlm.train.checkpoint as checkpoint_module
-from hybridlm.train.checkpoint import complete_checkpoints, is_checkpoint, publish, resolve_resume, sweep_leftovers
+import hybridlm.checkpoint.save as checkpoint_module
+from hybridlm.checkpoint.layout import complete_checkpoints, is_checkpoint
+from hybridlm.checkpoint.resume import resolve_resume
+from hybridlm.checkpoint.save import publish, sweep_leftovers
 
 MAX_STEPS, SAVE_EVERY, KEEP_LAST = 30, 5, 2
 CRASH_STEP = 10  # dies while publishing this step's checkpoint: step 5's stays the newest complete one
@@ -245,7 +247,7 @@ def test_export_at_the_end_of_training_loads_with_auto_classes(reference_run):
     from transformers import AutoModelForCausalLM
 
     import hybridlm  # noqa: F401 - registers the hybridlm model type
-    from hybridlm.export.checkpoint import read_checkpoint
+    from hybridlm.checkpoint.reader import read_checkpoint
 
     out_dir, result = reference_run
     exported = out_dir / "export" / f"hybridlm-step_{MAX_STEPS:08d}"

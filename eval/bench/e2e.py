@@ -100,7 +100,7 @@ def build_hybridlm(cfg, device, dtype, seed: int = 0):
 
 def check_exportable(cfg) -> None:
     """Exit before any work when the transformers twin cannot express `cfg` (the qwen3_next format)."""
-    from hybridlm.export.formats import FORMATS, ExportError
+    from hybridlm.checkpoint.formats import FORMATS, ExportError
 
     try:
         FORMATS["qwen3_next"].check_fits(cfg)
@@ -118,7 +118,7 @@ def build_transformers_twin(model, device, dtype, experts_implementation: str = 
     import torch
     from transformers import AutoModelForCausalLM
 
-    from hybridlm.export.checkpoint import Checkpoint
+    from hybridlm.checkpoint.reader import Checkpoint
     from hybridlm.export.writer import write_model_dir
 
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}

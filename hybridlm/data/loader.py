@@ -4,7 +4,7 @@ All ranks walk the same stream of rows (documents in a seeded per-epoch permutat
 is `world_size * micro_batch_size` consecutive rows; rank r takes rows [r*B, (r+1)*B) of it and skips the others
 cheaply (skipping reads only document lengths). So ranks see disjoint data, and the position after each global
 batch is the same on every rank. The position does not depend on the world size, but a training checkpoint does
-(ZeRO shards and RNG states per rank): hybridlm.train.checkpoint resumes only with the world size that saved it.
+(ZeRO shards and RNG states per rank): hybridlm.checkpoint.resume resumes only with the world size that saved it.
 
 Memory: each rank keeps the length of every document (uint32) and the current epoch's permutation (int32 below
 2^31 documents) in RAM, 8 bytes per document: 0.8 GB per rank, 6.4 GB per 8-rank node, for 100 M documents. The

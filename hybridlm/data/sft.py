@@ -439,7 +439,7 @@ def resolve_sft_tokenizer(cfg: DataConfig, init_from: str):
         if not init_from:
             raise ValueError("data.tokenizer=checkpoint takes the tokenizer of model.init_from, which is not set; "
                              "set model.init_from=PATH or data.tokenizer to a tokenizer directory")
-        from hybridlm.export.checkpoint import find_tokenizer_dir
+        from hybridlm.checkpoint.reader import find_tokenizer_dir
 
         found = find_tokenizer_dir(init_from)
         if found is None:

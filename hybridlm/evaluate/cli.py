@@ -100,12 +100,12 @@ def load_model(path: str, device_spec: str, dtype: str):
     """(model on device in eval mode, tokenizer or None, checkpoint) of a run, checkpoint or export."""
     import torch
 
-    from hybridlm.export.checkpoint import read_checkpoint
-    from hybridlm.export.formats import ExportError
+    from hybridlm.checkpoint import CheckpointError
+    from hybridlm.checkpoint.reader import read_checkpoint
 
     try:
         ckpt = read_checkpoint(path)
-    except ExportError as error:
+    except CheckpointError as error:
         raise SystemExit(f"hybridlm eval: {error}") from None
     model = ckpt.build_model().to(resolve_device(device_spec), {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
     tokenizer = None

@@ -11,11 +11,11 @@ import logging
 def _exit_cleanly_on_export_errors(command: str, run):
     @functools.wraps(run)
     def wrapped(args: argparse.Namespace) -> int:
-        from hybridlm.export.formats import ExportError
+        from hybridlm.checkpoint import CheckpointError
 
         try:
             return run(args)
-        except ExportError as error:
+        except CheckpointError as error:  # the reader's, and ExportError
             raise SystemExit(f"hybridlm {command}: {error}") from None
 
     return wrapped

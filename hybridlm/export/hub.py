@@ -12,7 +12,7 @@ import logging
 import os
 from pathlib import Path
 
-from hybridlm.export.formats import ExportError
+from hybridlm.checkpoint.formats import ExportError
 
 log = logging.getLogger(__name__)
 

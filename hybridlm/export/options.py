@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from hybridlm.config import ModelConfig
-from hybridlm.export.formats import FORMATS, ExportError
+from hybridlm.checkpoint.formats import FORMATS, ExportError
 
 EXPORT_FORMATS = ("hybridlm", *FORMATS)
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}

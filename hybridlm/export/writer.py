@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 
 from hybridlm.config import ModelConfig
-from hybridlm.export.checkpoint import Checkpoint, read_checkpoint
-from hybridlm.export.formats import DEFAULT_EXPERT_LAYOUT, FORMATS, ExportError, config_to_dict, own_storage
+from hybridlm.checkpoint.reader import Checkpoint, read_checkpoint
+from hybridlm.checkpoint.formats import DEFAULT_EXPERT_LAYOUT, FORMATS, ExportError, config_to_dict, own_storage
 from hybridlm.export.options import ExportOptions
 
 log = logging.getLogger(__name__)

@@ -151,7 +151,7 @@ class ExpertShard(Experts, DeepSpeedMoE):
     size, so gradients equal EP=1's), and keeps them out of the data-parallel rank 0's model-states file. Nothing of
     DeepSpeed's MoE layer runs: its __init__ is skipped. Its checkpoint reader loads `num_local_experts` files per
     layer (layer_L_expert_G); ours is one file per layer and expert-parallel rank holding the fused slice, which
-    hybridlm's checkpoint writer saves (hybridlm/parallel/checkpoint.py)."""
+    hybridlm's checkpoint writer saves (hybridlm/checkpoint/experts.py)."""
 
     num_local_experts = 1  # for DeepSpeed's checkpoint reader: one file (the fused slice) per layer and EP rank
 

@@ -98,7 +98,11 @@ class TrainerConfig:
     eval_every: int = 200  # 0: validate only at the end
     eval_batches: int = 20  # per rank; capped by the size of the validation split
     save_every: int = 500  # 0: save only at the end
-    keep_last: int = 3  # checkpoints kept; 0 keeps all
+    keep_last: int = 3  # checkpoints kept (and always the newest whose training was finite); 0 keeps all
+    # Consecutive steps with a non-finite loss or grad norm after which the run stops, without saving or pruning.
+    # 1 by default: DeepSpeed's bf16/fp32 optimizers apply a non-finite gradient (no loss-scaler skip), so the
+    # weights are already lost after the first such step.
+    max_bad_steps: int = 1
     resume: str = "auto"  # auto: newest complete checkpoint in out_dir, if any | never | a checkpoint directory
     seed: int = 1234
     progress_bar: bool = True  # in a terminal only; a log file gets a plain line every log_every steps either way
@@ -130,6 +134,10 @@ class TrainerConfig:
         _require(self.log_every > 0, f"trainer.log_every={self.log_every} must be > 0")
         for key in ("eval_every", "save_every", "keep_last", "stop_at_step", "cpu_threads"):
             _require(getattr(self, key) >= 0, f"trainer.{key}={getattr(self, key)} must be >= 0 (0 disables)")
+        _require(
+            self.max_bad_steps >= 1,
+            f"trainer.max_bad_steps={self.max_bad_steps} must be >= 1 (consecutive non-finite steps before the run stops)",
+        )
         _require(self.eval_batches > 0, f"trainer.eval_batches={self.eval_batches} must be > 0")
         _require(bool(self.resume), "trainer.resume is empty; use auto, never or a checkpoint directory")
         _require(

@@ -15,17 +15,20 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from hybridlm.checkpoint.init_from import load_pretrained_into
+from hybridlm.checkpoint.layout import metrics_file
+from hybridlm.checkpoint.resume import load_checkpoint, resolve_resume, set_rng_state
 from hybridlm.data import IGNORE_INDEX, build_data
 from hybridlm.model import HybridLM
-from hybridlm.train.callbacks import Callback, default_callbacks
-from hybridlm.train.checkpoint import load_checkpoint, resolve_resume, set_rng_state
-from hybridlm.train.config import TrainConfig
-from hybridlm.train.determinism import make_deterministic
 from hybridlm.parallel.context import scale_shares_for_data_parallel, shard_batch
 from hybridlm.parallel.groups import build_parallel_groups
+from hybridlm.train.callbacks import Callback, default_callbacks
+from hybridlm.train.config import TrainConfig
+from hybridlm.train.determinism import make_deterministic
+from hybridlm.train.divergence import DivergenceGuard
 from hybridlm.train.engine import DistInfo, build_engine, init_distributed
 from hybridlm.train.kernel_check import check_kernels
-from hybridlm.train.metrics import MetricsWindow
+from hybridlm.train.metrics import MetricsWindow, drop_torn_last_line
 from hybridlm.train.preemption import PreemptionHandler
 from hybridlm.train.progress import Progress
 from hybridlm.train.state import RunState
@@ -111,9 +114,11 @@ def _train(cfg: TrainConfig, preemption: PreemptionHandler, callbacks: list[Call
     step_token_mean = cfg.data.source == "sft"
     run.stop_reason = "max_steps" if run.step >= cfg.trainer.max_steps else None
     run.window.reset()
+    divergence = DivergenceGuard(cfg.trainer.max_bad_steps, cfg.trainer.out_dir)
     while run.stop_reason is None:
         run.lr = engine.lr_scheduler.get_last_lr()[0]
         step_batches, loss_divisor = _step_batches(run.bundle, ds.grad_accum_steps, info, step_token_mean)
+        step_loss, grad_norm = torch.zeros((), device=info.device), None
         for batch in step_batches:
             batch = {key: value.to(info.device, non_blocking=True) for key, value in batch.items()}
             if run.context_parallel is not None:
@@ -125,13 +130,16 @@ def _train(cfg: TrainConfig, preemption: PreemptionHandler, callbacks: list[Call
             boundary = engine.is_gradient_accumulation_boundary()
             if boundary and measure_grad_norm:
                 grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-                run.window.add_grad_norm(torch.nn.utils.get_total_norm(grads))
+                grad_norm = torch.nn.utils.get_total_norm(grads)
             engine.step()  # the model's optimizer-step hook updates the MoE selection bias (HybridLM)
             if boundary and not measure_grad_norm:
-                run.window.add_grad_norm(engine.get_global_grad_norm())
+                grad_norm = engine.get_global_grad_norm()
             run.window.add_micro_batch(out, batch["input_ids"].numel() * info.world_size)
+            step_loss += out.loss.detach()
+        run.window.add_grad_norm(grad_norm)
         run.step += 1
         run.tokens_seen += run.tokens_per_step
+        run.finite = divergence.check(run.step, step_loss, grad_norm)  # raises before any save of a diverged run
         run.stop_reason = _stop_reason(run, callbacks)
         for callback in callbacks:
             callback.on_step_end(run)
@@ -166,8 +174,6 @@ def _build(cfg: TrainConfig, preemption: PreemptionHandler, resume_from: Path | 
     _seed_everything(trainer.seed)  # same initial weights on every rank, whatever the data build consumed
     model = HybridLM(cfg.model)
     if cfg.model.init_from and resume_from is None:  # a resumed run's weights come from its checkpoint
-        from hybridlm.export.load import load_pretrained_into
-
         source = load_pretrained_into(model, cfg.model.init_from)
         if info.is_main:
             print(f"initialised the weights from {source['source']} ({source['kind']})", flush=True)
@@ -187,6 +193,9 @@ def _build(cfg: TrainConfig, preemption: PreemptionHandler, resume_from: Path | 
         set_rng_state(state["rng"])
         step, tokens_seen = state["step"], state["tokens_seen"]
     _stop_if_signalled_during_start_up(preemption, "model, engine and checkpoint")
+    if info.is_main and (dropped := drop_torn_last_line(metrics_file(trainer.out_dir))):
+        print(f"{metrics_file(trainer.out_dir)}: dropped its last line ({dropped} bytes), cut short by an "
+              "interrupted write", flush=True)  # fmt: skip
 
     ds = cfg.deepspeed
     progress = Progress(max_steps=trainer.max_steps, end_step=trainer.stop_at_step or trainer.max_steps,

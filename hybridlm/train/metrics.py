@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -114,3 +116,39 @@ class MetricsWindow:
             metrics["moe_load_max_over_mean/worst"] = max(ratios)
         self.reset(now)
         return metrics
+
+
+TAIL_CHUNK = 1 << 16
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append `line` as one write(2) of the whole line on an O_APPEND file, so a crash leaves every earlier line
+    whole; only a full disk can cut the last one short (drop_torn_last_line removes it on the next start)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (line + "\n").encode())
+    finally:
+        os.close(fd)
+
+
+def drop_torn_last_line(path: Path) -> int:
+    """Truncate a last line without its newline (a write cut short, e.g. by a full disk); returns the bytes
+    dropped. Keeps metrics.jsonl one JSON object per line for every reader after a resume."""
+    if not path.is_file():
+        return 0
+    with path.open("rb+") as f:
+        size = end = f.seek(0, os.SEEK_END)
+        keep = 0
+        while end > 0:  # backwards, a chunk at a time, to the last newline
+            start = max(0, end - TAIL_CHUNK)
+            f.seek(start)
+            chunk = f.read(end - start)
+            if end == size and chunk.endswith(b"\n"):
+                return 0
+            newline = chunk.rfind(b"\n")
+            if newline >= 0:
+                keep = start + newline + 1
+                break
+            end = start
+        f.truncate(keep)
+        return size - keep

@@ -9,6 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hybridlm.checkpoint.layout import metrics_file
+from hybridlm.train.metrics import append_line
+
 if TYPE_CHECKING:
     from hybridlm.train.callbacks import Callback
     from hybridlm.train.config import TrainConfig
@@ -34,6 +37,7 @@ class RunState:
     lr: float = 0.0  # of the step being trained
     stop_reason: str | None = None  # set by the loop (max_steps, stop_at_step) or a callback; ends the loop
     checkpoint: Path | None = None  # the newest checkpoint saved or resumed from
+    finite: bool = True  # the last step's loss and grad norm were finite (recorded in its checkpoint)
     val_loss: float | None = None
     unigram_loss: float | None = None
     evaluated_step: int | None = None
@@ -47,8 +51,7 @@ class RunState:
         """Rank 0: one JSON line in out_dir/metrics.jsonl, then each callback's on_metrics (wandb)."""
         if not self.info.is_main:
             return
-        with (Path(self.cfg.trainer.out_dir) / "metrics.jsonl").open("a") as f:
-            f.write(json.dumps({"step": step, **values}) + "\n")
+        append_line(metrics_file(self.cfg.trainer.out_dir), json.dumps({"step": step, **values}))
         for callback in self.callbacks:
             callback.on_metrics(step, values)
 

@@ -6,7 +6,7 @@ import runpy
 import sys
 from pathlib import Path
 
-import hybridlm.train.checkpoint as checkpoint
+import hybridlm.checkpoint.save as checkpoint
 
 CRASH_EXIT_CODE = 17
 

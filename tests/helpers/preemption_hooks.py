@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-import hybridlm.train.checkpoint as checkpoint
+import hybridlm.checkpoint.save as checkpoint
 import hybridlm.train.loop as loop
 
 HOLD_TIMEOUT_S = 120

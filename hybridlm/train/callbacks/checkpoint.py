@@ -1,13 +1,14 @@
 """Checkpoints every trainer.save_every steps and when the run stops for any reason (atomic, resumable:
-hybridlm/train/checkpoint.py), with the loader position and RNG states that make a resumed run repeat the
+hybridlm/checkpoint/save.py), with the loader position and RNG states that make a resumed run repeat the
 uninterrupted one."""
 
 from __future__ import annotations
 
 from omegaconf import OmegaConf
 
+from hybridlm.checkpoint.resume import rng_state
+from hybridlm.checkpoint.save import save_checkpoint
 from hybridlm.train.callbacks import Callback
-from hybridlm.train.checkpoint import rng_state, save_checkpoint
 
 
 class Checkpointing(Callback):
@@ -27,6 +28,7 @@ class Checkpointing(Callback):
             "tokens_seen": run.tokens_seen,
             "loader": run.bundle.train.state_dict(),
             "rng": rng_state(),
+            "finite": run.finite,  # pruning keeps the newest finite checkpoint (hybridlm/checkpoint/save.py)
         }
         with run.clock_paused():
             run.checkpoint = save_checkpoint(

@@ -30,7 +30,7 @@ class ExportAtEnd(Callback):
         # push that failed.
         failure = None
         if run.info.is_main:
-            from hybridlm.export import ExportError
+            from hybridlm.checkpoint import CheckpointError
             from hybridlm.export.writer import export_and_push_once
 
             try:
@@ -38,7 +38,7 @@ class ExportAtEnd(Callback):
                     run.checkpoint, run.export, format=options.format, dtype=options.dtype,
                     shard_size=options.shard_size, push_to_hub=options.push_to_hub, private=options.private,
                 )  # fmt: skip
-            except ExportError as error:
+            except CheckpointError as error:  # ExportError included
                 failure = error
             else:
                 run.say(f"exported ({options.format}, {options.dtype}): {run.export}")

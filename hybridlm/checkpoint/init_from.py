@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
+from hybridlm.checkpoint.layout import CheckpointError
+from hybridlm.checkpoint.reader import read_checkpoint
 from hybridlm.config import ModelConfig
-from hybridlm.export.checkpoint import read_checkpoint
-from hybridlm.export.formats import ExportError
 from hybridlm.model import HybridLM
 
 # Settings that change training or kernels but not what the weights compute.
@@ -65,7 +65,7 @@ def load_pretrained_into(model: HybridLM, path: str | Path) -> dict:
     ckpt = read_checkpoint(path)
     problems = architecture_mismatches(model.config, ckpt.config)
     if problems:
-        raise ExportError(
+        raise CheckpointError(
             f"cannot initialise from {path}: its architecture differs from the model config:\n  - "
             + "\n  - ".join(problems)
             + "\nset the model config to the checkpoint's (e.g. the matching preset) or pick another checkpoint"

@@ -22,6 +22,9 @@ from pathlib import Path
 
 import torch
 
+from hybridlm.checkpoint.layout import CheckpointError
+from hybridlm.checkpoint.safe_load import load_tensors_file
+
 EXPERT_SHARD_FILE = re.compile(r"^layer_(\d+)_expert_(\d+)_mp_rank_00_model_states\.pt$")
 
 
@@ -70,11 +73,11 @@ def read_expert_shards(engine_dir: Path) -> tuple[dict[str, torch.Tensor], int]:
     for layer, ranks in sorted(found.items()):
         if sorted(ranks) != list(range(ep_size)):
             missing = sorted(set(range(ep_size)) - set(ranks))
-            raise ValueError(
+            raise CheckpointError(
                 f"{engine_dir}: MoE layer {layer} has expert shards for ranks {sorted(ranks)} of {ep_size}; "
                 f"{[expert_shard_path(engine_dir, layer, r).name for r in missing]} missing (an incomplete save)"
             )
-        parts = [torch.load(ranks[r], map_location="cpu", weights_only=True) for r in range(ep_size)]
+        parts = [load_tensors_file(ranks[r]) for r in range(ep_size)]
         for key in parts[0]:
             state[key] = torch.cat([part[key] for part in parts], dim=0)
     return state, ep_size
@@ -85,7 +88,7 @@ def check_resume_expert_parallel_size(engine_dir: Path, expert_parallel_size: in
     for it. Refuses another size naming both."""
     saved = read_expert_parallel_size(engine_dir)
     if saved != expert_parallel_size:
-        raise ValueError(
+        raise CheckpointError(
             f"checkpoint {engine_dir.parent} was trained with parallel.expert_parallel_size={saved} but this run has "
             f"parallel.expert_parallel_size={expert_parallel_size}; resume with parallel.expert_parallel_size={saved}"
             ", or start a new run from its weights with model.init_from (any expert-parallel size)"

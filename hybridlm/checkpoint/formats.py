@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from hybridlm.checkpoint.layout import CheckpointError
 from hybridlm.config import AttentionConfig, GatedDeltaNetConfig, ModelConfig, MoEConfig
 from hybridlm.model import HybridLM
 
@@ -28,8 +29,9 @@ REQUIRED_KEYS = (
 )
 
 
-class ExportError(ValueError):
-    """A checkpoint cannot be exported or imported as asked; the message lists every reason and the fix."""
+class ExportError(CheckpointError):
+    """A model cannot be exported as asked (it does not fit the format); the message lists every reason and the fix.
+    Import-direction problems are the reader's CheckpointError."""
 
 
 @dataclass(frozen=True)
@@ -218,7 +220,7 @@ class NativeFormat:
             hf = {**hf["text_config"], "tie_word_embeddings": hf.get("tie_word_embeddings", False)}
         absent = [key for key in REQUIRED_KEYS if key not in hf]
         if absent:
-            raise ExportError(f"cannot import this {self.name} checkpoint: config.json lacks {absent}")
+            raise CheckpointError(f"cannot import this {self.name} checkpoint: config.json lacks {absent}")
         problems = []
         if hf.get("hidden_act", "silu") != "silu":
             problems.append(f"hidden_act={hf['hidden_act']!r}; hybridlm's MLPs use silu")
@@ -241,7 +243,7 @@ class NativeFormat:
         else:
             moe_layers = [True] * n
         if problems:
-            raise ExportError(f"cannot import this {self.name} checkpoint:\n  - " + "\n  - ".join(problems))
+            raise CheckpointError(f"cannot import this {self.name} checkpoint:\n  - " + "\n  - ".join(problems))
         values = dict(
             vocab_size=hf["vocab_size"],
             hidden_size=hf["hidden_size"],
@@ -332,7 +334,7 @@ class NativeFormat:
         if cfg.tie_embeddings and "lm_head.weight" in tensors:
             head, embedding = tensors.pop("lm_head.weight"), tensors.get("model.embed_tokens.weight")
             if embedding is not None and not torch.equal(head, embedding):
-                raise ExportError(
+                raise CheckpointError(
                     f"the {self.name} checkpoint's config.json ties the embeddings (tie_word_embeddings=true), but "
                     "its lm_head.weight differs from model.embed_tokens.weight; set tie_word_embeddings to false in "
                     "config.json to keep that head, or delete lm_head.weight to use the embedding"
@@ -347,7 +349,7 @@ class NativeFormat:
             if name in tensors and tensors[name].shape != shape
         ]
         if missing or extra or misshapen:
-            raise ExportError(
+            raise CheckpointError(
                 f"the {self.name} checkpoint's tensors do not match its config.json:\n"
                 f"  missing ({len(missing)}): {_some(missing)}\n"
                 f"  unexpected ({len(extra)}): {_some(extra)}\n"
