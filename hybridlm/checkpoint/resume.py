@@ -1,9 +1,8 @@
 """Resuming a run: which checkpoint (`trainer.resume=auto|never|PATH`), verified before anything is loaded, and the
 engine and trainer state read back with weights_only=True.
 
-`auto` takes the newest complete checkpoint that verifies (its manifest's checksums, or for a checkpoint without one,
-every `.pt` file's archive structure, and its trainer state loaded without code); an unreadable one is named and the
-previous complete checkpoint used instead, never deleted, so a requeued job does not fail the same way on every
+`auto` takes the newest complete checkpoint that verifies (its manifest's checksums, and every `.pt` file a whole
+archive that loads without code); an unreadable one is named and the previous complete checkpoint used instead, never deleted, so a requeued job does not fail the same way on every
 restart. `PATH` to a bad checkpoint is refused with the same message.
 """
 
@@ -18,11 +17,11 @@ import torch
 
 from hybridlm.checkpoint.experts import check_resume_expert_parallel_size, model_expert_parallel_size
 from hybridlm.checkpoint.layout import (
-    CHECKPOINTS, ENGINE_TAG, MANIFEST_FILE, TRAINER_STATE_FILE, CheckpointError, complete_checkpoints, is_checkpoint,
+    CHECKPOINTS, ENGINE_TAG, TRAINER_STATE_FILE, CheckpointError, complete_checkpoints, is_checkpoint,
     trainer_state_file,
 )  # fmt: skip
 from hybridlm.checkpoint.manifest import verify_manifest
-from hybridlm.checkpoint.safe_load import check_readable_archive, deepspeed_loads_weights_only, load_tensors_file
+from hybridlm.checkpoint.safe_load import check_tensors_file, deepspeed_loads_weights_only, load_tensors_file
 
 
 def resolve_resume(resume: str, out_dir: str | Path) -> Path | None:
@@ -72,13 +71,11 @@ def resolve_resume(resume: str, out_dir: str | Path) -> Path | None:
 
 
 def verify_checkpoint(checkpoint: Path) -> None:
-    """Refuse, naming the bad file, a checkpoint whose files are damaged or whose trainer state holds code."""
-    if (checkpoint / MANIFEST_FILE).is_file():
-        verify_manifest(checkpoint)
-    else:
-        for path in sorted(checkpoint.rglob("*.pt")):
-            check_readable_archive(path)
-    load_tensors_file(trainer_state_file(checkpoint, 0))
+    """Refuse, naming the bad file, a checkpoint whose files differ from its manifest, or with a `.pt` file that is
+    not a whole archive or would need code to load (a manifest rewritten with the file does not hide that)."""
+    verify_manifest(checkpoint)
+    for path in sorted(checkpoint.rglob("*.pt")):
+        check_tensors_file(path)
 
 
 def trained_finitely(checkpoint: Path) -> bool:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import pickle
-import zipfile
 from pathlib import Path
 
 import torch
@@ -29,32 +29,42 @@ def load_tensors_file(path: Path):
         raise CheckpointError(f"{path} is truncated or corrupt ({error})") from error
 
 
-def refused_pickle_message(path: Path | str, error: BaseException) -> str:
-    reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+def refused_pickle_message(path: Path | str, error: BaseException | str) -> str:
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return (
         f"{path} holds objects other than tensors and plain containers ({reason}); refused, since loading it could "
         "run arbitrary code. Only load checkpoints you trust, written by hybridlm's trainer"
     )
 
 
-def check_readable_archive(path: Path) -> None:
-    """Cheap structural check of a torch zip archive (its central directory sits at the end: truncation loses it)."""
+def check_tensors_file(path: Path) -> None:
+    """Without loading any tensor or running any code: refuse a `.pt` file that is not a whole torch archive (its
+    central directory sits at the end, so truncation loses it) or whose pickle names a class outside torch's
+    weights_only set and DeepSpeed's allow-list."""
     try:
-        with zipfile.ZipFile(path) as archive:
-            archive.namelist()
-    except (zipfile.BadZipFile, OSError, EOFError) as error:
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as error:
         raise CheckpointError(f"{path} is truncated or corrupt ({error})") from error
+    refused = sorted(set(unsafe) - set(DEEPSPEED_SAFE_GLOBALS))
+    if refused:
+        raise CheckpointError(refused_pickle_message(path, f"it names {refused}"))
+
+
+# What DeepSpeed's ZeRO optimizer states pickle besides tensors (torch.serialization.get_unsafe_globals_in_checkpoint
+# on ZeRO 0-3 saves, fp32 and bf16): its stage enum, its static loss scaler and the parameter-fragment addresses.
+DEEPSPEED_SAFE_GLOBALS = (
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+)
 
 
 def _deepspeed_safe_globals() -> list:
-    """What DeepSpeed's ZeRO optimizer states pickle besides tensors (torch.serialization.
-    get_unsafe_globals_in_checkpoint on ZeRO 0-3 saves, fp32 and bf16): its stage enum, its static loss scaler
-    and the parameter-fragment addresses."""
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [ZeroStageEnum, LossScaler, fragment_address]
+    classes = []
+    for name in DEEPSPEED_SAFE_GLOBALS:
+        module, _, attribute = name.rpartition(".")
+        classes.append(getattr(importlib.import_module(module), attribute))
+    return classes
 
 
 @contextlib.contextmanager

@@ -19,10 +19,12 @@ class TrainingDiverged(RuntimeError):
 
 
 class DivergenceGuard:
-    def __init__(self, max_bad_steps: int, out_dir: str | Path):
+    def __init__(self, max_bad_steps: int, out_dir: str | Path, resumed_from: Path | None):
         self.max_bad_steps = max_bad_steps
         self.out_dir = out_dir
+        self.resumed_from = resumed_from
         self.bad_steps = 0
+        self.trained_a_finite_step = False
 
     def check(self, step: int, step_loss: torch.Tensor, grad_norm) -> bool:
         """Collective (one all-reduce of a flag, so every rank stops together). Returns whether this step was
@@ -35,19 +37,25 @@ class DivergenceGuard:
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         self.bad_steps = self.bad_steps + 1 if bad.item() else 0
+        self.trained_a_finite_step |= self.bad_steps == 0
         if self.bad_steps >= self.max_bad_steps:
-            good = [path for path in complete_checkpoints(self.out_dir) if trained_finitely(path)]
-            last_good = (
-                f"the last good checkpoint is {good[-1]} (trainer.resume={good[-1]} continues from it)" if good
-                else "no finite checkpoint was saved before it"
-            )  # fmt: skip
             raise TrainingDiverged(
                 f"step {step}: the loss ({_show(step_loss)}) or grad norm ({_show(grad_norm)}) is not finite, "
                 f"{self.bad_steps} step(s) in a row (trainer.max_bad_steps={self.max_bad_steps}); the run stops "
-                f"without saving or pruning a checkpoint. {last_good}; lower optim.lr or check the data and the "
-                "checkpoint it resumed from"
+                f"without saving or pruning a checkpoint. {self._last_good()}; lower optim.lr or check the data"
             )
         return self.bad_steps == 0
+
+    def _last_good(self) -> str:
+        good = [path for path in complete_checkpoints(self.out_dir) if trained_finitely(path)]
+        suspect = ""
+        if not self.trained_a_finite_step and self.resumed_from is not None:
+            # Not one finite step since the resume: the checkpoint resumed from may be damaged itself.
+            suspect = f"every step since resuming from {self.resumed_from} diverged, so it may be damaged itself; "
+            good = [path for path in good if path.name < self.resumed_from.name]
+        if not good:
+            return suspect + "no earlier finite checkpoint was saved"
+        return suspect + f"the last good checkpoint is {good[-1]} (trainer.resume={good[-1]} continues from it)"
 
 
 def _show(value: torch.Tensor) -> str:

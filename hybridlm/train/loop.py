@@ -114,7 +114,7 @@ def _train(cfg: TrainConfig, preemption: PreemptionHandler, callbacks: list[Call
     step_token_mean = cfg.data.source == "sft"
     run.stop_reason = "max_steps" if run.step >= cfg.trainer.max_steps else None
     run.window.reset()
-    divergence = DivergenceGuard(cfg.trainer.max_bad_steps, cfg.trainer.out_dir)
+    divergence = DivergenceGuard(cfg.trainer.max_bad_steps, cfg.trainer.out_dir, run.resume_from)
     while run.stop_reason is None:
         run.lr = engine.lr_scheduler.get_last_lr()[0]
         step_batches, loss_divisor = _step_batches(run.bundle, ds.grad_accum_steps, info, step_token_mean)
