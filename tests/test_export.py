@@ -20,14 +20,14 @@ import torch
 import yaml
 
 import hybridlm  # noqa: F401 - registers the hybridlm model type with transformers
+from hybridlm.checkpoint import CheckpointError
+from hybridlm.checkpoint.formats import FORMATS
+from hybridlm.checkpoint.init_from import load_pretrained_into
+from hybridlm.checkpoint.reader import read_checkpoint
 from hybridlm.cli import main as cli_main
 from hybridlm.config import AttentionConfig, GatedDeltaNetConfig, ModelConfig, MoEConfig
 from hybridlm.data.tokenizer import train_byte_level_bpe
-from hybridlm.checkpoint import CheckpointError
-from hybridlm.checkpoint.init_from import load_pretrained_into
 from hybridlm.export import ExportError, export_checkpoint
-from hybridlm.checkpoint.reader import read_checkpoint
-from hybridlm.checkpoint.formats import FORMATS
 from hybridlm.export.hub import PUSH_RECORD
 from hybridlm.export.writer import export_and_push_once
 from hybridlm.model import HybridLM

@@ -21,13 +21,13 @@ from helpers.launch import tiny_run, train
 from helpers.transformers_oracle import LOADING_PROBLEMS, run_oracle
 from transformers import AutoTokenizer
 
+from hybridlm.checkpoint.formats import ExportError
+from hybridlm.checkpoint.init_from import load_pretrained_into
+from hybridlm.checkpoint.reader import Checkpoint, read_checkpoint
 from hybridlm.cli import main as cli_main
 from hybridlm.config import AttentionConfig, GatedDeltaNetConfig, ModelConfig, MoEConfig
 from hybridlm.data.tokenizer import train_byte_level_bpe
-from hybridlm.checkpoint.init_from import load_pretrained_into
 from hybridlm.export import FORMATS, export_checkpoint
-from hybridlm.checkpoint.formats import ExportError
-from hybridlm.checkpoint.reader import Checkpoint, read_checkpoint
 from hybridlm.export.writer import write_model_dir
 from hybridlm.model import HybridLM
 

@@ -11,10 +11,10 @@ from helpers.launch import tiny_run, train
 
 from hybridlm.checkpoint import CheckpointError
 from hybridlm.checkpoint.init_from import load_pretrained_into
-from hybridlm.export import export_checkpoint
-from hybridlm.checkpoint.reader import read_checkpoint
-from hybridlm.model import HybridLM
 from hybridlm.checkpoint.layout import complete_checkpoints
+from hybridlm.checkpoint.reader import read_checkpoint
+from hybridlm.export import export_checkpoint
+from hybridlm.model import HybridLM
 
 pytestmark = pytest.mark.slow  # each DeepSpeed run takes 20-40 s on 2 cores
 

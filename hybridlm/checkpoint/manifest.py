@@ -22,7 +22,7 @@ def file_sha256(path: Path) -> str:
 
 
 def checkpoint_files(checkpoint: Path) -> list[Path]:
-    return sorted(p for p in checkpoint.rglob("*") if p.is_file() and p.relative_to(checkpoint).as_posix() != MANIFEST_FILE)
+    return sorted(p for p in checkpoint.rglob("*") if p.is_file() and p != checkpoint / MANIFEST_FILE)
 
 
 def write_manifest(checkpoint: Path) -> Path:
@@ -45,11 +45,12 @@ def verify_manifest(checkpoint: Path) -> None:
     try:
         files = json.loads(manifest.read_text())["files"]
     except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"{manifest} is corrupt ({error}); the checkpoint {checkpoint} cannot be verified") from error
+        message = f"{manifest} is corrupt ({error}); the checkpoint {checkpoint} cannot be verified"
+        raise CheckpointError(message) from error
     for name, expected in sorted(files.items()):
         path = checkpoint / name
         if not path.is_file():
-            raise CheckpointError(f"{path} is missing: {manifest.name} lists it; the checkpoint {checkpoint} is incomplete")
+            raise CheckpointError(f"{path} is missing: {manifest.name} lists it; {checkpoint} is incomplete")
         size = path.stat().st_size
         if size != expected["bytes"]:
             raise CheckpointError(

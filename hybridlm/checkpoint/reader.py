@@ -25,8 +25,15 @@ import torch
 from hybridlm.checkpoint.experts import EXPERT_SHARD_FILE, read_expert_shards
 from hybridlm.checkpoint.formats import expected_shapes, expert_layout_of, format_for_model_type
 from hybridlm.checkpoint.layout import (
-    LATEST, MANIFEST_FILE, METRICS_FILE, TOKENIZER_DIR, CheckpointError, checkpoints_root, complete_checkpoints,
-    run_dir_of, trainer_state_file,
+    LATEST,
+    MANIFEST_FILE,
+    METRICS_FILE,
+    TOKENIZER_DIR,
+    CheckpointError,
+    checkpoints_root,
+    complete_checkpoints,
+    run_dir_of,
+    trainer_state_file,
 )  # fmt: skip
 from hybridlm.checkpoint.manifest import verify_manifest
 from hybridlm.checkpoint.safe_load import deepspeed_loads_weights_only, load_tensors_file
@@ -115,7 +122,9 @@ def load_safetensors_dir(directory: Path) -> dict[str, torch.Tensor]:
         shards = sorted(set(weight_map.values()))
         missing = [s for s in shards if not (directory / s).is_file()]
         if missing:
-            raise CheckpointError(f"{directory}: shard(s) {missing} listed in {index_path.name} are missing; re-copy them")
+            raise CheckpointError(
+                f"{directory}: shard(s) {missing} listed in {index_path.name} are missing; re-copy them"
+            )
     elif (directory / "model.safetensors").is_file():
         weight_map, shards = None, ["model.safetensors"]
     else:

@@ -2,8 +2,9 @@
 engine and trainer state read back with weights_only=True.
 
 `auto` takes the newest complete checkpoint that verifies (its manifest's checksums, and every `.pt` file a whole
-archive that loads without code); an unreadable one is named and the previous complete checkpoint used instead, never deleted, so a requeued job does not fail the same way on every
-restart. `PATH` to a bad checkpoint is refused with the same message.
+archive that loads without code); an unreadable one is named and the previous complete checkpoint used instead,
+never deleted, so a requeued job does not fail the same way on every restart. `PATH` to a bad checkpoint is refused
+with the same message.
 """
 
 from __future__ import annotations
@@ -17,7 +18,12 @@ import torch
 
 from hybridlm.checkpoint.experts import check_resume_expert_parallel_size, model_expert_parallel_size
 from hybridlm.checkpoint.layout import (
-    CHECKPOINTS, ENGINE_TAG, TRAINER_STATE_FILE, CheckpointError, complete_checkpoints, is_checkpoint,
+    CHECKPOINTS,
+    ENGINE_TAG,
+    TRAINER_STATE_FILE,
+    CheckpointError,
+    complete_checkpoints,
+    is_checkpoint,
     trainer_state_file,
 )  # fmt: skip
 from hybridlm.checkpoint.manifest import verify_manifest

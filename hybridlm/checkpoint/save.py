@@ -21,8 +21,16 @@ import torch.distributed as dist
 
 from hybridlm.checkpoint.experts import save_expert_shards
 from hybridlm.checkpoint.layout import (
-    CONFIG_FILE, ENGINE_TAG, LATEST, TMP_PREFIX, TOKENIZER_DIR, CheckpointError, checkpoints_root, complete_checkpoints,
-    step_dir_name, trainer_state_file,
+    CONFIG_FILE,
+    ENGINE_TAG,
+    LATEST,
+    TMP_PREFIX,
+    TOKENIZER_DIR,
+    CheckpointError,
+    checkpoints_root,
+    complete_checkpoints,
+    step_dir_name,
+    trainer_state_file,
 )  # fmt: skip
 from hybridlm.checkpoint.manifest import write_manifest
 

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
-from hybridlm.config import ModelConfig
 from hybridlm.checkpoint.formats import FORMATS, ExportError
+from hybridlm.config import ModelConfig
 
 EXPORT_FORMATS = ("hybridlm", *FORMATS)
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}

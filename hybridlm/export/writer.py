@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from hybridlm.config import ModelConfig
-from hybridlm.checkpoint.reader import Checkpoint, read_checkpoint
 from hybridlm.checkpoint.formats import DEFAULT_EXPERT_LAYOUT, FORMATS, ExportError, config_to_dict, own_storage
+from hybridlm.checkpoint.reader import Checkpoint, read_checkpoint
+from hybridlm.config import ModelConfig
 from hybridlm.export.options import ExportOptions
 
 log = logging.getLogger(__name__)

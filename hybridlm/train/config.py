@@ -136,7 +136,7 @@ class TrainerConfig:
             _require(getattr(self, key) >= 0, f"trainer.{key}={getattr(self, key)} must be >= 0 (0 disables)")
         _require(
             self.max_bad_steps >= 1,
-            f"trainer.max_bad_steps={self.max_bad_steps} must be >= 1 (consecutive non-finite steps before the run stops)",
+            f"trainer.max_bad_steps={self.max_bad_steps} must be >= 1 (non-finite steps in a row before the run stops)",
         )
         _require(self.eval_batches > 0, f"trainer.eval_batches={self.eval_batches} must be > 0")
         _require(bool(self.resume), "trainer.resume is empty; use auto, never or a checkpoint directory")
