@@ -214,10 +214,10 @@ def main(argv=None) -> int:
         raise SystemExit(f"{REPO} has no configs/experiment/mqar_*.yaml; run from a hybridlm checkout")
     import torch
 
+    from hybridlm.checkpoint.reader import read_checkpoint
     from hybridlm.data.config import MQARConfig
     from hybridlm.evaluate.recall import mqar_sweep
     from hybridlm.evaluate.report import run_metadata, write_json
-    from hybridlm.checkpoint.reader import read_checkpoint
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     trained_seq_len = 4 * args.curriculum[-1][0]

@@ -8,7 +8,7 @@ import functools
 import logging
 
 
-def _exit_cleanly_on_export_errors(command: str, run):
+def _exit_cleanly_on_checkpoint_errors(command: str, run):
     @functools.wraps(run)
     def wrapped(args: argparse.Namespace) -> int:
         from hybridlm.checkpoint import CheckpointError
@@ -37,7 +37,7 @@ def add_export_parser(subparsers) -> None:
     parser.add_argument("--push-to-hub", metavar="ORG/NAME", default=None,
                         help="also upload OUT to this Hub repo (token from HF_TOKEN or `hf auth login`)")
     parser.add_argument("--private", action="store_true", help="create the Hub repo as private")
-    parser.set_defaults(func=_exit_cleanly_on_export_errors("export", _run_export))
+    parser.set_defaults(func=_exit_cleanly_on_checkpoint_errors("export", _run_export))
 
 
 def add_generate_parser(subparsers) -> None:
@@ -45,7 +45,7 @@ def add_generate_parser(subparsers) -> None:
 
     add_parser(subparsers)
     parser = subparsers.choices["generate"]
-    parser.set_defaults(func=_exit_cleanly_on_export_errors("generate", parser.get_default("func")))
+    parser.set_defaults(func=_exit_cleanly_on_checkpoint_errors("generate", parser.get_default("func")))
 
 
 def _run_export(args: argparse.Namespace) -> int:
