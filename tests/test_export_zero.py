@@ -85,6 +85,9 @@ def test_damaged_zero_shards_are_refused(zero3_run, tmp_path, damage):
         shard.unlink()
     else:
         shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=rf"{shard} is (truncated or corrupt|missing)"):  # the manifest
+        export_checkpoint(run_dir, tmp_path / "out")
+    (engine.parent / "manifest.json").unlink()  # no checksums (a hand-copied checkpoint): DeepSpeed's consolidation
     with pytest.raises(CheckpointError, match=rf"cannot consolidate the ZeRO shards in {engine}"):
         export_checkpoint(run_dir, tmp_path / "out")
     assert not (tmp_path / "out").exists()
