@@ -34,7 +34,7 @@ from hybridlm.checkpoint.layout import (
     complete_checkpoints,
     run_dir_of,
     trainer_state_file,
-)  # fmt: skip
+)
 from hybridlm.checkpoint.manifest import verify_manifest
 from hybridlm.checkpoint.safe_load import deepspeed_loads_weights_only, load_tensors_file
 from hybridlm.config import ConfigError, ModelConfig

@@ -25,7 +25,7 @@ from hybridlm.checkpoint.layout import (
     complete_checkpoints,
     is_checkpoint,
     trainer_state_file,
-)  # fmt: skip
+)
 from hybridlm.checkpoint.manifest import verify_manifest
 from hybridlm.checkpoint.safe_load import check_tensors_file, deepspeed_loads_weights_only, load_tensors_file
 

@@ -31,8 +31,9 @@ from hybridlm.checkpoint.layout import (
     complete_checkpoints,
     step_dir_name,
     trainer_state_file,
-)  # fmt: skip
+)
 from hybridlm.checkpoint.manifest import write_manifest
+from hybridlm.checkpoint.resume import trained_finitely
 
 # What torch.save's zip writer says when the OS accepted fewer bytes than it wrote (a full disk or quota): it drops
 # the errno (PyTorch's caffe2/serialize/inline_container.cc).
@@ -162,8 +163,6 @@ def prune(root: Path, keep_last: int) -> None:
     went NaN never prunes away its last good checkpoint (issue 19)."""
     if keep_last <= 0:
         return
-    from hybridlm.checkpoint.resume import trained_finitely
-
     published = complete_checkpoints(root.parent)
     keep = set(published[-keep_last:])
     keep.update(next(([path] for path in reversed(published) if trained_finitely(path)), []))
