@@ -231,7 +231,7 @@ def _train_overrides(cache, cp: int) -> list[str]:
 def test_context_and_data_parallel_training_matches_data_parallel_resumes_and_exports(tmp_path, data_cache):
     from helpers.launch import read_metrics, train
 
-    from hybridlm.export.checkpoint import read_checkpoint
+    from hybridlm.checkpoint.reader import read_checkpoint
     from hybridlm.model import HybridLM
 
     dp_dir, cp_dir = tmp_path / "dp2", tmp_path / "cp2_dp2"

@@ -213,9 +213,9 @@ def test_expert_parallel_checkpoint_exports_to_qwen3_5_moe_with_the_trained_logi
     model read from that checkpoint (every rank's experts)."""
     from helpers.transformers_oracle import LOADING_PROBLEMS, run_oracle
 
+    from hybridlm.checkpoint.experts import read_expert_parallel_size
+    from hybridlm.checkpoint.reader import read_checkpoint
     from hybridlm.export import export_checkpoint
-    from hybridlm.export.checkpoint import read_checkpoint
-    from hybridlm.parallel.checkpoint import read_expert_parallel_size
 
     run_dir = ep_runs(2)["ep"]
     trained = read_checkpoint(run_dir)

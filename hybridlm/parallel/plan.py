@@ -168,8 +168,8 @@ def load_plan_config(source: str | None, overrides: list[str]):
     configs/train.yaml with `overrides` the rest; anything else is what `hybridlm doctor` reads."""
     import json
 
+    from hybridlm.checkpoint.formats import format_for_model_type
     from hybridlm.evaluate.doctor import load_train_config
-    from hybridlm.export.formats import format_for_model_type
 
     path = Path(source) if source is not None else None
     hf_config = path / "config.json" if path is not None and path.is_dir() else path
@@ -198,7 +198,7 @@ def run_plan(args) -> int:
         dtype = resolve_precision(ds.precision, torch.device("cuda"))  # what the GPUs would train in
         tokens = ds.micro_batch_size * cfg.trainer.seq_len * ds.grad_accum_steps
         rows, refused = plan_table(cfg.model, args.gpus, tokens, DTYPE_BYTES[dtype], args.ep, args.zero)
-    except ValueError as error:  # ConfigError, ExportError (an unreadable config.json) and the readers' errors
+    except ValueError as error:  # ConfigError, CheckpointError (an unreadable config.json) and the readers' errors
         print(f"hybridlm plan: {error}", file=sys.stderr)
         return 2
     counts = cfg.model.parameter_counts()
