@@ -42,8 +42,10 @@ def _hang_on_rank_one(rank: int, world_size: int) -> None:
 def test_a_ranks_exception_fails_with_its_traceback():
     started = time.monotonic()
     with pytest.raises(RankFailed, match=r"(?s)rank 1 of 2 raised:.*_fail_on_rank_one.*planted failure on rank 1"):
-        run_distributed_test(_fail_on_rank_one, timeout_s=60)
-    assert time.monotonic() - started < 30  # rank 0, blocked in a barrier, was killed, not waited for
+        run_distributed_test(_fail_on_rank_one, timeout_s=180)
+    # Rank 0, blocked in a barrier, was killed, not waited for until the timeout. Half the timeout, not a few
+    # seconds: spawning two ranks that import torch took 42 s on a machine at load 14 (the drift check's run).
+    assert time.monotonic() - started < 90
 
 
 def _fail_on_both_ranks_rank_one_later(rank: int, world_size: int) -> None:
