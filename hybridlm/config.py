@@ -6,16 +6,37 @@ message naming the key, the value and a fix.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+# Pattern symbol -> layer kind, for the mixers and the feed-forward layers; spell_pattern writes the inverse.
 LAYER_SYMBOLS = {"G": "gated_deltanet", "A": "attention"}
 MLP_SYMBOLS = {"M": "moe", "D": "dense"}
 AUX_LOSS_SCOPES = ("micro_batch", "step")
+# Field metadata key: the setting changes training or the kernels, not what the weights compute, so a checkpoint made
+# with another value still fits (model.init_from and imports compare the rest; see training_only_fields).
+TRAINING_ONLY = "training_only"
 
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the key and how to fix it."""
+
+
+def training_only(default):
+    """A field with `default` marked training-only (see TRAINING_ONLY)."""
+    return field(default=default, metadata={TRAINING_ONLY: True})
+
+
+def training_only_fields(config_class: type) -> set[str]:
+    """The dotted names (`moe.backend`) of the fields of `config_class` and its sub-configs marked training-only."""
+    names = set()
+    for config_field in dataclasses.fields(config_class):
+        if config_field.metadata.get(TRAINING_ONLY):
+            names.add(config_field.name)
+        elif dataclasses.is_dataclass(config_field.default_factory):  # a sub-config section
+            names.update(f"{config_field.name}.{name}" for name in training_only_fields(config_field.default_factory))
+    return names
 
 
 def _require(ok: bool, message: str) -> None:
@@ -59,6 +80,12 @@ def expand_pattern(pattern: str, num_layers: int, symbols: dict[str, str], key: 
     return [symbols[s] for s in pattern * (num_layers // len(pattern))]
 
 
+def spell_pattern(kinds: list[str], symbols: dict[str, str]) -> str:
+    """One symbol per layer: ["gated_deltanet", "attention"] with LAYER_SYMBOLS -> "GA" (expand_pattern's inverse)."""
+    symbol_of = {kind: symbol for symbol, kind in symbols.items()}
+    return "".join(symbol_of[kind] for kind in kinds)
+
+
 @dataclass
 class GatedDeltaNetConfig:
     """Gated DeltaNet mixer (Qwen3-Next / Qwen3.5 linear attention)."""
@@ -69,11 +96,11 @@ class GatedDeltaNetConfig:
     head_v_dim: int = 32
     conv_kernel: int = 4  # depthwise causal short convolution over q, k, v
     # A = exp(A_log) ~ U(a_init_min, a_init_max); dt = softplus(a + dt_bias) starts in [dt_init_min, dt_init_max]
-    a_init_min: float = 0.01
-    a_init_max: float = 16.0
-    dt_init_min: float = 0.001
-    dt_init_max: float = 0.1
-    backend: str = "auto"  # auto: triton on CUDA, torch reference on CPU
+    a_init_min: float = training_only(0.01)
+    a_init_max: float = training_only(16.0)
+    dt_init_min: float = training_only(0.001)
+    dt_init_max: float = training_only(0.1)
+    backend: str = training_only("auto")  # auto: triton on CUDA, torch reference on CPU
 
     def __post_init__(self) -> None:
         for key in ("num_k_heads", "num_v_heads", "head_k_dim", "head_v_dim", "conv_kernel"):
@@ -107,7 +134,8 @@ class AttentionConfig:
     qk_norm: bool = True
     sliding_window: int = 0  # 0: full causal attention
     bias: bool = False
-    backend: str = "auto"  # auto (flex on CUDA, sdpa elsewhere) | sdpa | flex (packed rows; on CPU forward only)
+    # auto (flex on CUDA, sdpa elsewhere) | sdpa | flex (packed rows; on CPU forward only)
+    backend: str = training_only("auto")
 
     def __post_init__(self) -> None:
         for key in ("num_heads", "num_kv_heads", "head_dim"):
@@ -147,14 +175,14 @@ class MoEConfig:
     score_func: str = "softmax"  # softmax | sigmoid
     renormalize: bool = True  # top-k weights sum to one
     selection_bias: bool = False  # aux-loss-free balancing: a bias that changes which experts are chosen
-    bias_update_rate: float = 1e-3
-    aux_loss_coef: float = 1e-2  # Switch/Mixtral load-balancing loss over the global batch
+    bias_update_rate: float = training_only(1e-3)
+    aux_loss_coef: float = training_only(1e-2)  # Switch/Mixtral load-balancing loss over the global batch
     # Which expert counts the load-balancing loss balances: micro_batch (this micro-batch on every data-parallel
     # rank, as transformers computes it) or step (also the earlier micro-batches of the optimizer step: Megatron's
     # global_aux_loss, Qwen's global-batch balancing; the same as micro_batch without gradient accumulation).
-    aux_loss_scope: str = "micro_batch"
-    z_loss_coef: float = 1e-3  # router z-loss (ST-MoE)
-    backend: str = "auto"  # auto: triton on CUDA, torch reference on CPU
+    aux_loss_scope: str = training_only("micro_batch")
+    z_loss_coef: float = training_only(1e-3)  # router z-loss (ST-MoE)
+    backend: str = training_only("auto")  # auto: triton on CUDA, torch reference on CPU
 
     def __post_init__(self) -> None:
         for key in ("num_experts", "top_k", "intermediate_size"):
@@ -197,10 +225,10 @@ class ModelConfig:
     norm_eps: float = 1e-6
     zero_centered_norm: bool = True  # RMSNorm scales by (1 + w), w initialised to 0 (Qwen3-Next)
     tie_embeddings: bool = False
-    initializer_range: float = 0.02
-    max_position_embeddings: int = 32768
-    activation_checkpointing: bool = False
-    init_from: str = ""  # a checkpoint directory to initialise the weights from
+    initializer_range: float = training_only(0.02)
+    max_position_embeddings: int = training_only(32768)
+    activation_checkpointing: bool = training_only(False)
+    init_from: str = training_only("")  # a checkpoint directory to initialise the weights from
     gdn: GatedDeltaNetConfig = field(default_factory=GatedDeltaNetConfig)
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)

@@ -1,15 +1,12 @@
 """The one model definition: a stack of hybrid blocks built from the layer pattern, an LM head and the loss.
 
-Packed batches: `cu_seqlens` marks where each document starts over the flattened B*T tokens, and documents never cross
-rows. The Gated DeltaNet and conv mixers run over the flattened row and restart at each document; attention runs per
-row with the document-causal pattern built once per forward (see hybridlm.layers.attention). No state, convolution or
-attention crosses a document boundary.
+The token layout of packed batches (no state, convolution or attention crosses a document) is hybridlm.layout; the
+chunked LM-head loss is hybridlm.loss.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -17,19 +14,17 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torch.utils.hooks import RemovableHandle
 
-from hybridlm import ops
 from hybridlm.config import ModelConfig
-from hybridlm.layers.attention import Attention, AttentionPattern, append_along, cached_pattern, sequence_pattern
+from hybridlm.layers.attention import Attention, append_along, cached_pattern, sequence_pattern
 from hybridlm.layers.gated_deltanet import GatedDeltaNet
 from hybridlm.layers.mlp import SwiGLU
 from hybridlm.layers.moe import RouterStats, SparseMoE
 from hybridlm.layers.norm import RMSNorm, RMSNormGated
+from hybridlm.layout import TokenLayout, packed_layout
+from hybridlm.loss import IGNORE_INDEX, linear_cross_entropy
 
-IGNORE_INDEX = -100
 # Parameters never decayed, besides every 1-D tensor (norm weights, biases).
 NO_DECAY_NAMES = ("A_log", "dt_bias")
-# The loss computes logits this many at a time (tokens x vocabulary), so [B,T,V] fp32 logits never exist at once.
-LOSS_CHUNK_LOGITS = 1 << 24
 
 
 class LMOutput(dict):
@@ -56,19 +51,6 @@ class LMOutput(dict):
 
     def __setattr__(self, name: str, value) -> None:
         self[name] = value
-
-
-@dataclass
-class TokenLayout:
-    """Where documents start and which keys attention sees, built once per forward and shared by every block."""
-
-    position_ids: torch.Tensor  # [B,T] RoPE positions, restarting at 0 per document
-    attention: AttentionPattern
-    cu_seqlens: torch.Tensor | None = None  # [N+1] documents over the flattened B*T tokens (GDN and conv)
-    position_in_doc: torch.Tensor | None = None  # [1,B*T] 0 at each document start, over the flattened tokens
-    gdn_chunk_layout: object | None = None  # the GDN kernels' chunk list of cu_seqlens (ops.prepare_gdn_chunk_layout)
-    padding_mask: torch.Tensor | None = None  # [B,T] 1 for tokens, 0 for left padding (batched generation)
-    context: object | None = None  # hybridlm.parallel.context.ContextShard: B rows of T/CP tokens, this rank's slice
 
 
 class ModelCache:
@@ -131,105 +113,6 @@ class HybridBlock(nn.Module):
             out, stats = self.mlp(normed, earlier_step_counts)
             return x + out, stats
         return x + self.mlp(normed), None
-
-
-def check_packed_rows(cu_seqlens: torch.Tensor, batch: int, seq_len: int) -> None:
-    """cu_seqlens must rise strictly from 0 to batch * seq_len and contain every row start: attention runs per row,
-    so a document may not continue into the next row (the packer starts a new segment there)."""
-    total = batch * seq_len
-    bounds = cu_seqlens.to(torch.int64)
-    shape_ok = bounds.ndim == 1 and bounds.numel() >= batch + 1
-    if shape_ok:
-        row_starts = torch.arange(0, total, seq_len, device=bounds.device)
-        valid = (bounds[0] == 0) & (bounds[-1] == total) & (bounds.diff() > 0).all()
-        valid = valid & torch.isin(row_starts, bounds).all()
-    if not shape_ok or not bool(valid):
-        raise ValueError(
-            f"cu_seqlens={bounds.tolist()} must rise strictly from 0 to B*T={total} and contain every row start "
-            f"(a multiple of T={seq_len}): documents never cross rows; build batches with hybridlm.data.packing.collate"
-        )
-
-
-def packed_layout(cu_seqlens: torch.Tensor, batch: int, seq_len: int, cfg: ModelConfig) -> TokenLayout:
-    """Segment ids, in-document positions, attention pattern and GDN chunk list of `batch` packed rows of `seq_len`
-    tokens."""
-    check_packed_rows(cu_seqlens, batch, seq_len)
-    device = cu_seqlens.device
-    attn = dict(window=cfg.attention.sliding_window, backend=cfg.attention.backend)
-    if cu_seqlens.numel() == batch + 1:  # only the row starts: each row is one document, a plain batch
-        position_ids = torch.arange(seq_len, device=device).expand(batch, seq_len)
-        return TokenLayout(position_ids=position_ids, attention=sequence_pattern(seq_len, device, **attn))
-    total = batch * seq_len
-    bounds = cu_seqlens.to(torch.int64)
-    index = torch.arange(total, device=device)
-    segment_ids = torch.searchsorted(bounds[1:], index, right=True)
-    position_in_doc = index - bounds[segment_ids]
-    position_ids = position_in_doc.view(batch, seq_len)
-    attention = sequence_pattern(seq_len, device, segment_ids=segment_ids.view(batch, seq_len),
-                                 sorted_segments=True, **attn)
-    chunk_layout = None
-    if "gated_deltanet" in cfg.layer_types:
-        chunk_layout = ops.prepare_gdn_chunk_layout(cu_seqlens, total, backend=cfg.gdn.backend)
-    return TokenLayout(position_ids=position_ids, attention=attention, cu_seqlens=cu_seqlens,
-                       position_in_doc=position_in_doc[None], gdn_chunk_layout=chunk_layout)
-
-
-class _LinearCrossEntropy(torch.autograd.Function):
-    """Summed cross-entropy of `hidden @ weight.T` (see `linear_cross_entropy`). The gradients (softmax minus
-    one-hot, times the inputs) are computed chunk by chunk in forward, so backward needs neither the logits nor a
-    recompute."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_tokens):
-        total, grad_hidden, grad_weight = _chunked_cross_entropy(
-            hidden, weight, targets, chunk_tokens, *ctx.needs_input_grad[:2]
-        )
-        ctx.save_for_backward(grad_hidden, grad_weight)
-        return total
-
-    @staticmethod
-    def backward(ctx, grad_total):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        return (
-            None if grad_hidden is None else grad_hidden * grad_total.to(grad_hidden.dtype),
-            None if grad_weight is None else grad_weight * grad_total.to(grad_weight.dtype),
-            None,
-            None,
-        )
-
-
-def _chunked_cross_entropy(hidden, weight, targets, chunk_tokens, want_grad_hidden, want_grad_weight):
-    loss_dtype = torch.promote_types(hidden.dtype, torch.float32)
-    total = hidden.new_zeros((), dtype=loss_dtype)
-    grad_hidden = torch.empty_like(hidden) if want_grad_hidden else None
-    grad_weight = torch.zeros(weight.shape, dtype=loss_dtype, device=weight.device) if want_grad_weight else None
-    for start in range(0, hidden.shape[0], chunk_tokens):
-        h, t = hidden[start : start + chunk_tokens], targets[start : start + chunk_tokens]
-        logits = F.linear(h, weight).to(loss_dtype)
-        total = total + F.cross_entropy(logits, t, ignore_index=IGNORE_INDEX, reduction="sum")
-        if not (want_grad_hidden or want_grad_weight):
-            continue
-        valid = (t != IGNORE_INDEX)[:, None]
-        grad_logits = logits.softmax(dim=-1)
-        grad_logits.scatter_add_(1, t.clamp(min=0)[:, None], -valid.to(loss_dtype))
-        # In the model dtype, as autograd would hand it to the matmul's backward.
-        grad_logits = (grad_logits * valid).to(hidden.dtype)
-        if want_grad_hidden:
-            grad_hidden[start : start + chunk_tokens] = grad_logits @ weight
-        if want_grad_weight:
-            grad_weight += (grad_logits.T @ h).to(loss_dtype)
-    if grad_weight is not None:
-        grad_weight = grad_weight.to(weight.dtype)
-    return total, grad_hidden, grad_weight
-
-
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """sum over tokens of cross_entropy(hidden @ weight.T, targets), in fp32 (or wider), ignoring IGNORE_INDEX;
-    hidden [N,H], weight [V,H], targets [N]. Only one chunk's logits exist at a time."""
-    chunk_tokens = max(1, LOSS_CHUNK_LOGITS // weight.shape[0])
-    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_tokens)
-    return _chunked_cross_entropy(hidden, weight, targets, chunk_tokens, False, False)[0]
 
 
 class HybridLM(nn.Module):

@@ -8,7 +8,8 @@ from hybridlm.data import segment_ids_from_cu_seqlens, unigram_cross_entropy
 from hybridlm.data.config import MQARConfig
 from hybridlm.data.loader import TrainIterator, ValidationBatches, epoch_order
 from hybridlm.data.mqar import ExampleRows, answer_counts, generate_examples
-from hybridlm.data.packing import IGNORE_INDEX, PackedRows, collate, count_rows
+from hybridlm.data.packing import PackedRows, collate, count_rows
+from hybridlm.loss import IGNORE_INDEX
 
 EOS = 0
 

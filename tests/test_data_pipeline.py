@@ -17,7 +17,6 @@ import torch
 
 from hybridlm.data import DataConfig, MQARConfig, build_data
 from hybridlm.data.cli import add_prepare_data_parser, run_prepare_data
-from hybridlm.data.packing import IGNORE_INDEX
 from hybridlm.data.sources import (
     is_generated_module,
     is_validation_document,
@@ -26,6 +25,7 @@ from hybridlm.data.sources import (
     stdlib_files,
 )
 from hybridlm.data.store import cached_text_store, open_stores
+from hybridlm.loss import IGNORE_INDEX
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma".split()
 

@@ -23,9 +23,9 @@ import torch.nn.functional as F
 
 from hybridlm.config import AttentionConfig, GatedDeltaNetConfig, ModelConfig, MoEConfig
 from hybridlm.data.tokenizer import encode_documents, train_byte_level_bpe
-from hybridlm.data.packing import IGNORE_INDEX
 from hybridlm.checkpoint.reader import Checkpoint
 from hybridlm.export.writer import write_model_dir
+from hybridlm.loss import IGNORE_INDEX
 from hybridlm.model import HybridLM
 
 pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install 'lm-eval>=0.4,<0.5')")

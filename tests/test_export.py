@@ -22,10 +22,12 @@ import yaml
 import hybridlm  # noqa: F401 - registers the hybridlm model type with transformers
 from hybridlm.checkpoint import CheckpointError
 from hybridlm.checkpoint.formats import FORMATS
-from hybridlm.checkpoint.init_from import load_pretrained_into
+from hybridlm.checkpoint.init_from import architecture_mismatches, load_pretrained_into
 from hybridlm.checkpoint.reader import read_checkpoint
 from hybridlm.cli import main as cli_main
-from hybridlm.config import AttentionConfig, GatedDeltaNetConfig, ModelConfig, MoEConfig
+from hybridlm.config import (
+    AttentionConfig, GatedDeltaNetConfig, ModelConfig, MoEConfig, training_only, training_only_fields,
+)
 from hybridlm.data.tokenizer import train_byte_level_bpe
 from hybridlm.export import ExportError, export_checkpoint
 from hybridlm.export.hub import PUSH_RECORD
@@ -218,6 +220,24 @@ def test_init_from_compares_only_the_settings_the_model_uses(tmp_path, tokenizer
                                                                       head_v_dim=8, conv_kernel=2))
     with pytest.raises(CheckpointError, match=r"model.gdn.conv_kernel: ours 2, checkpoint 4"):
         load_pretrained_into(HybridLM(other_gdn), root)
+
+
+def test_training_only_settings_are_the_fields_marked_so_in_the_config():
+    assert training_only_fields(ModelConfig) == {
+        "activation_checkpointing", "init_from", "initializer_range", "max_position_embeddings",
+        "gdn.a_init_min", "gdn.a_init_max", "gdn.dt_init_min", "gdn.dt_init_max", "gdn.backend", "attention.backend",
+        "moe.bias_update_rate", "moe.aux_loss_coef", "moe.aux_loss_scope", "moe.z_loss_coef", "moe.backend",
+    }
+
+
+@pytest.mark.parametrize("marked", [True, False])
+def test_a_new_field_marked_training_only_is_ignored_by_the_import_check(marked):
+    """Marking the field on the config is all it takes: the import check reads the marks, not a list of its own."""
+    declared = training_only(0) if marked else dataclasses.field(default=0)
+    extended = dataclasses.make_dataclass("ExtendedModelConfig", [("new_setting", int, declared)], bases=(ModelConfig,))
+    ours, theirs = extended(**vars(small_config()), new_setting=1), extended(**vars(small_config()), new_setting=2)
+    expected = [] if marked else ["model.new_setting: ours 1, checkpoint 2"]
+    assert architecture_mismatches(ours, theirs) == expected
 
 
 # --- refusals -------------------------------------------------------------------------------------------------------

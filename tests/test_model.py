@@ -185,9 +185,9 @@ def test_loss_is_mean_cross_entropy_plus_router_terms():
 
 @pytest.mark.parametrize("tie_embeddings", [False, True])
 def test_chunked_loss_equals_cross_entropy_of_the_logits_with_the_same_gradients(monkeypatch, tie_embeddings):
-    import hybridlm.model
+    import hybridlm.loss
 
-    monkeypatch.setattr(hybridlm.model, "LOSS_CHUNK_LOGITS", 97 * 5)  # 5 tokens per chunk: 33 = 6 chunks + 3
+    monkeypatch.setattr(hybridlm.loss, "LOSS_CHUNK_LOGITS", 97 * 5)  # 5 tokens per chunk: 33 = 6 chunks + 3
     model = build(small_config(tie_embeddings=tie_embeddings))
     x = torch.randint(0, 97, (3, 11))
     labels = torch.randint(0, 97, (3, 11))

@@ -13,7 +13,7 @@ import torch
 from hybridlm.config import AttentionConfig, GatedDeltaNetConfig, ModelConfig, MoEConfig
 from hybridlm.data.config import DataConfig, SFTConfig
 from hybridlm.data.loader import epoch_order
-from hybridlm.data.packing import IGNORE_INDEX, collate
+from hybridlm.data.packing import collate
 from hybridlm.data.sft import (
     CHATML_TEMPLATE,
     IM_END,
@@ -29,6 +29,7 @@ from hybridlm.data.sft import (
     shifted_labels,
 )
 from hybridlm.data.tokenizer import train_byte_level_bpe
+from hybridlm.loss import IGNORE_INDEX
 from hybridlm.model import HybridLM
 
 SYSTEM = {"role": "system", "content": "You are terse."}

@@ -16,10 +16,10 @@ import torch
 from helpers.launch import REPO, TINY_MODEL, tiny_run, train
 
 from hybridlm.cli import main as cli_main
-from hybridlm.data.packing import IGNORE_INDEX
 from hybridlm.export import export_checkpoint
 from hybridlm.checkpoint.reader import read_checkpoint
 from hybridlm.generate import chat_prompt_ids, generate
+from hybridlm.loss import IGNORE_INDEX
 
 SFT_DIR = REPO / "examples" / "sft"
 

@@ -14,13 +14,17 @@ from dataclasses import dataclass
 import torch
 
 from hybridlm.checkpoint.layout import CheckpointError
-from hybridlm.config import AttentionConfig, GatedDeltaNetConfig, ModelConfig, MoEConfig
+from hybridlm.config import (
+    LAYER_SYMBOLS, MLP_SYMBOLS, AttentionConfig, GatedDeltaNetConfig, ModelConfig, MoEConfig, spell_pattern,
+)
 from hybridlm.model import HybridLM
 
 Tensors = list[torch.Tensor]
 # Experts as one module each (`experts.{e}.gate_proj.weight`, ...): the layout of the released checkpoints and the
 # one transformers' save_pretrained writes for both families. Import also reads "fused" (`experts.gate_up_proj`).
 DEFAULT_EXPERT_LAYOUT = "per_expert"
+# Our mixer kinds -> config.json's layer_types names (both families).
+HF_LAYER_TYPES = {"gated_deltanet": "linear_attention", "attention": "full_attention"}
 # config.json keys an import cannot do without (the others have transformers' defaults).
 REQUIRED_KEYS = (
     "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
@@ -201,7 +205,7 @@ class NativeFormat:
             num_experts_per_tok=m.top_k,
             num_experts=m.num_experts,
             router_aux_loss_coef=m.aux_loss_coef,
-            layer_types=["linear_attention" if t == "gated_deltanet" else "full_attention" for t in cfg.layer_types],
+            layer_types=[HF_LAYER_TYPES[t] for t in cfg.layer_types],
             dtype=str(dtype).removeprefix("torch."),
             **token_ids,
         )
@@ -234,9 +238,10 @@ class NativeFormat:
             "full_attention" if (i + 1) % hf.get("full_attention_interval", 4) == 0 else "linear_attention"
             for i in range(n)
         ]
-        unknown = sorted(set(layer_types) - {"linear_attention", "full_attention"})
+        ours = {theirs: kind for kind, theirs in HF_LAYER_TYPES.items()}
+        unknown = sorted(set(layer_types) - set(ours))
         if unknown:
-            problems.append(f"layer_types has {unknown}; hybridlm has linear_attention and full_attention layers")
+            problems.append(f"layer_types has {unknown}; hybridlm has {' and '.join(ours)} layers")
         if self.dense_layers:
             step, only = hf.get("decoder_sparse_step", 1), set(hf.get("mlp_only_layers") or [])
             moe_layers = [i not in only and hf.get("num_experts", 0) > 0 and (i + 1) % step == 0 for i in range(n)]
@@ -248,8 +253,8 @@ class NativeFormat:
             vocab_size=hf["vocab_size"],
             hidden_size=hf["hidden_size"],
             num_layers=n,
-            layer_pattern=_shortest_period("".join("G" if t == "linear_attention" else "A" for t in layer_types)),
-            mlp_pattern=_shortest_period("".join("M" if moe else "D" for moe in moe_layers)),
+            layer_pattern=_shortest_period(spell_pattern([ours[t] for t in layer_types], LAYER_SYMBOLS)),
+            mlp_pattern=_shortest_period(spell_pattern(["moe" if moe else "dense" for moe in moe_layers], MLP_SYMBOLS)),
             intermediate_size=hf.get("intermediate_size") or 1,  # Qwen3.5-MoE has no dense layers to size
             norm_eps=hf.get("rms_norm_eps", 1e-6),
             zero_centered_norm=True,

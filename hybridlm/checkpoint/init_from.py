@@ -10,15 +10,8 @@ import torch
 
 from hybridlm.checkpoint.layout import CheckpointError
 from hybridlm.checkpoint.reader import read_checkpoint
-from hybridlm.config import ModelConfig
+from hybridlm.config import LAYER_SYMBOLS, MLP_SYMBOLS, ModelConfig, spell_pattern, training_only_fields
 from hybridlm.model import HybridLM
-
-# Settings that change training or kernels but not what the weights compute.
-TRAINING_ONLY = {
-    "activation_checkpointing", "init_from", "initializer_range", "max_position_embeddings",
-    "gdn.a_init_min", "gdn.a_init_max", "gdn.dt_init_min", "gdn.dt_init_max", "gdn.backend", "attention.backend",
-    "moe.bias_update_rate", "moe.aux_loss_coef", "moe.aux_loss_scope", "moe.z_loss_coef", "moe.backend",
-}
 
 
 def _flatten(values: dict, prefix: str = "") -> dict:
@@ -32,13 +25,14 @@ def _flatten(values: dict, prefix: str = "") -> dict:
 
 
 def architecture_fields(cfg: ModelConfig) -> dict:
-    """The flattened config values that decide what the weights are and compute: all but the training-only
-    settings and the sections no layer uses (intermediate_size without a dense layer, moe.* without an MoE layer,
-    attention.* without an attention layer, gdn.* without a GDN layer). Patterns are compared layer by layer."""
+    """The flattened config values that decide what the weights are and compute: all but the fields the config marks
+    training-only (hybridlm.config.training_only) and the sections no layer uses (intermediate_size without a dense
+    layer, moe.* without an MoE layer, attention.* without an attention layer, gdn.* without a GDN layer). Patterns
+    are compared layer by layer."""
     values = _flatten(dataclasses.asdict(cfg))
-    values["layer_pattern"] = "".join("G" if t == "gated_deltanet" else "A" for t in cfg.layer_types)
-    values["mlp_pattern"] = "".join("M" if t == "moe" else "D" for t in cfg.mlp_types)
-    unused = set(TRAINING_ONLY)
+    values["layer_pattern"] = spell_pattern(cfg.layer_types, LAYER_SYMBOLS)
+    values["mlp_pattern"] = spell_pattern(cfg.mlp_types, MLP_SYMBOLS)
+    unused = training_only_fields(type(cfg))
     if "dense" not in cfg.mlp_types:
         unused.add("intermediate_size")
     for section, layer_type in (("moe", "moe"), ("attention", "attention"), ("gdn", "gated_deltanet")):

@@ -22,7 +22,7 @@ import torch
 
 from hybridlm.data.config import DataConfig, MQARConfig
 from hybridlm.data.loader import TrainIterator, ValidationBatches, epoch_order
-from hybridlm.data.packing import IGNORE_INDEX, PackedRows, count_rows, segment_ids_from_cu_seqlens
+from hybridlm.data.packing import PackedRows, count_rows, segment_ids_from_cu_seqlens
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
@@ -30,7 +30,6 @@ if TYPE_CHECKING:
 Batch = dict[str, torch.Tensor]
 
 __all__ = [
-    "IGNORE_INDEX",
     "Batch",
     "DataBundle",
     "DataConfig",

@@ -14,8 +14,9 @@ import numpy as np
 from transformers import PreTrainedTokenizerFast
 
 from hybridlm.data.config import MQARConfig
-from hybridlm.data.packing import IGNORE_INDEX, Row
+from hybridlm.data.packing import Row
 from hybridlm.data.tokenizer import EOS_TOKEN, wrap_tokenizer
+from hybridlm.loss import IGNORE_INDEX
 
 PAD_TOKEN_ID = 0
 _GENERATION_CHUNK = 4096  # examples generated per vectorised step (bounds memory for large key vocabularies)

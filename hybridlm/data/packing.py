@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-IGNORE_INDEX = -100
+from hybridlm.loss import IGNORE_INDEX
 
 
 @dataclass

@@ -37,7 +37,8 @@ from pathlib import Path
 import numpy as np
 
 from hybridlm.data.config import DataConfig, SFTConfig
-from hybridlm.data.packing import IGNORE_INDEX, Row
+from hybridlm.data.packing import Row
+from hybridlm.loss import IGNORE_INDEX
 
 ROLES = ("system", "user", "assistant", "tool")
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from hybridlm.config import AttentionConfig, GatedDeltaNetConfig, ModelConfig
-from hybridlm.data.packing import IGNORE_INDEX
+from hybridlm.loss import IGNORE_INDEX
 
 EOS_ID = 0
 SYMBOLS = ["<|endoftext|>", *"0123456789", "+", "=", ",", "|"]

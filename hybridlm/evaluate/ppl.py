@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hybridlm.data.packing import IGNORE_INDEX, Row, collate
+from hybridlm.data.packing import Row, collate
+from hybridlm.loss import IGNORE_INDEX
 
 
 @dataclass

@@ -14,7 +14,8 @@ import torch
 
 from hybridlm.data.config import MQARConfig
 from hybridlm.data.mqar import example_row, generate_examples
-from hybridlm.data.packing import IGNORE_INDEX, collate
+from hybridlm.data.packing import collate
+from hybridlm.loss import IGNORE_INDEX
 
 
 @torch.no_grad()

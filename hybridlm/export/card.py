@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from hybridlm.config import ModelConfig
+from hybridlm.config import LAYER_SYMBOLS, MLP_SYMBOLS, ModelConfig, spell_pattern
 
 _LOADING = {
     "hybridlm": "import hybridlm  # registers the model type (or pass trust_remote_code=True, hybridlm installed)\n",
@@ -19,8 +19,8 @@ def _millions(n: int) -> str:
 
 def model_card(cfg: ModelConfig, format: str, dtype: torch.dtype, metadata: dict) -> str:  # noqa: A002
     counts = cfg.parameter_counts()  # equal to the module's own count (tests/test_model.py)
-    layers = "".join("G" if t == "gated_deltanet" else "A" for t in cfg.layer_types)
-    mlps = "".join("M" if t == "moe" else "D" for t in cfg.mlp_types)
+    layers = spell_pattern(cfg.layer_types, LAYER_SYMBOLS)
+    mlps = spell_pattern(cfg.mlp_types, MLP_SYMBOLS)
     m, g, a = cfg.moe, cfg.gdn, cfg.attention
     lines = [
         "---",

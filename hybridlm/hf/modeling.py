@@ -14,7 +14,8 @@ from hybridlm.generate import positions_from_mask
 from hybridlm.hf.configuration import HybridLMConfig
 from hybridlm.layers.moe import SparseMoE
 from hybridlm.layers.rope import RotaryEmbedding
-from hybridlm.model import IGNORE_INDEX, HybridLM, ModelCache
+from hybridlm.loss import IGNORE_INDEX
+from hybridlm.model import HybridLM, ModelCache
 
 # transformers 5.24 renamed the cache argument and output field from `past_key_values` (now deprecated, with a
 # warning) to `cache`; earlier 5.x releases know only `past_key_values`. The wrapper speaks this transformers' name.

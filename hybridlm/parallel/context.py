@@ -106,7 +106,7 @@ def shard_layout(cu_seqlens: torch.Tensor | None, batch: int, seq_len: int, cp: 
                  device: torch.device | None = None) -> ContextShard:  # fmt: skip
     """The layout of this rank's slice of `batch` rows of `seq_len` tokens whose documents `cu_seqlens` [N + 1]
     marks over the flattened tokens (None: one document per row, on `device`), checked as for CP = 1."""
-    from hybridlm.model import check_packed_rows
+    from hybridlm.layout import check_packed_rows
 
     if seq_len % cp.size:
         raise ValueError(f"rows of T={seq_len} tokens do not split over context_parallel_size={cp.size} ranks; "
@@ -286,7 +286,7 @@ def context_layout(shard: ContextShard, cfg):
     """The model's TokenLayout of this shard (`cfg` a ModelConfig): global RoPE positions, the attention pattern
     above, the shard's documents for the GDN kernels."""
     from hybridlm import ops
-    from hybridlm.model import TokenLayout
+    from hybridlm.layout import TokenLayout
 
     chunk_layout = None
     if "gated_deltanet" in cfg.layer_types:

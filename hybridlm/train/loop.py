@@ -18,7 +18,8 @@ import torch.distributed as dist
 from hybridlm.checkpoint.init_from import load_pretrained_into
 from hybridlm.checkpoint.layout import metrics_file
 from hybridlm.checkpoint.resume import load_checkpoint, resolve_resume, set_rng_state
-from hybridlm.data import IGNORE_INDEX, build_data
+from hybridlm.data import build_data
+from hybridlm.loss import IGNORE_INDEX
 from hybridlm.model import HybridLM
 from hybridlm.parallel.context import scale_shares_for_data_parallel, shard_batch
 from hybridlm.parallel.groups import build_parallel_groups

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from hybridlm.data import IGNORE_INDEX
+from hybridlm.loss import IGNORE_INDEX
 from hybridlm.train.callbacks import Callback
 
 
