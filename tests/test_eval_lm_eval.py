@@ -1,25 +1,17 @@
 """lm-eval 0.4 on our exports: a tiny model learns one-digit addition here, is exported in every format, and the
 stock `lm_eval --model hf` CLI scores the shipped offline task (tests/lm_eval_task) on each export, with no code of
-ours in between.
-
-The native formats (qwen3_next, qwen3_5_moe) run with hybridlm made unimportable: plain transformers only. The
-`hybridlm` format runs with `--model_args ...,trust_remote_code=True`: its config.json's auto_map names the two shim
-files in the export, which import our classes from the installed package. On machines without CUDA, fla is hidden
-from transformers too (its Triton kernels need a GPU), so transformers takes its PyTorch paths.
+ours in between (how lm_eval is run: tests/helpers/lm_eval.py). The chat-template path (`--apply_chat_template` on
+an SFT export) is in test_sft_recipe.py, beside the SFT run it needs.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.lm_eval import TASK_DIR, run_lm_eval
 
 from hybridlm.config import AttentionConfig, GatedDeltaNetConfig, ModelConfig, MoEConfig
 from hybridlm.data.tokenizer import encode_documents, train_byte_level_bpe
@@ -31,7 +23,6 @@ from hybridlm.model import HybridLM
 pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install 'lm-eval>=0.4,<0.5')")
 pytestmark = pytest.mark.slow  # three lm_eval processes, ~1 min each on 2 cores
 
-TASK_DIR = Path(__file__).parent / "lm_eval_task"
 TASK = "hybridlm_addition"
 FORMATS = ("hybridlm", "qwen3_next", "qwen3_5_moe")
 
@@ -99,23 +90,6 @@ def choice_log_likelihoods(model, tokenizer, problem: dict) -> list[float]:
     return scores
 
 
-def run_lm_eval(export_dir: Path, fmt: str, out_dir: Path) -> dict:
-    hidden = [] if fmt == "hybridlm" else ["hybridlm"]
-    if not torch.cuda.is_available():
-        hidden.append("fla")
-    env = dict(os.environ, HIDE_MODULES=",".join(hidden), HF_MODULES_CACHE=str(out_dir / "hf_modules"),
-               PYTHONPATH=os.pathsep.join(filter(None, [str(TASK_DIR / "hide_modules"), os.environ.get("PYTHONPATH")])))
-    model_args = f"pretrained={export_dir},dtype=float32" + (",trust_remote_code=True" if fmt == "hybridlm" else "")
-    command = [shutil.which("lm_eval") or str(Path(sys.executable).with_name("lm_eval")),
-               "--model", "hf", "--model_args", model_args, "--tasks", TASK, "--include_path", ".", "--device", "cpu",
-               "--batch_size", "50", "--output_path", str(out_dir), "--log_samples"]
-    proc = subprocess.run(command, cwd=TASK_DIR, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    results = json.loads(next(out_dir.rglob("results_*.json")).read_text())
-    samples = [json.loads(line) for line in next(out_dir.rglob(f"samples_{TASK}_*.jsonl")).read_text().splitlines()]
-    return {"acc": results["results"][TASK]["acc,none"], "samples": samples}
-
-
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_lm_eval_scores_every_export_like_our_model(trained, tmp_path, fmt):
     from transformers import AutoTokenizer
@@ -125,7 +99,7 @@ def test_lm_eval_scores_every_export_like_our_model(trained, tmp_path, fmt):
     export_dir.mkdir()
     write_model_dir(Checkpoint(model.config, model.state_dict(), tmp_path, "hybridlm", tokenizer_dir), export_dir,
                     fmt, torch.float32, 1 << 30)
-    result = run_lm_eval(export_dir, fmt, tmp_path / "results")
+    result = run_lm_eval(export_dir, fmt, TASK, tmp_path / "results")
 
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     by_question = {p["question"]: p for p in problems()}
@@ -137,5 +111,5 @@ def test_lm_eval_scores_every_export_like_our_model(trained, tmp_path, fmt):
         assert theirs == pytest.approx(ours, abs=1e-3), problem["question"]
         ours_correct += max(range(len(ours)), key=ours.__getitem__) == problem["label"]
     assert len(result["samples"]) == len(by_question)
-    assert result["acc"] == pytest.approx(ours_correct / len(by_question))
-    assert result["acc"] >= 0.9  # four choices: chance is 0.25; the model was trained on these facts
+    assert result["results"]["acc,none"] == pytest.approx(ours_correct / len(by_question))
+    assert result["results"]["acc,none"] >= 0.9  # four choices: chance is 0.25; the model was trained on these facts

@@ -14,11 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 from helpers.launch import REPO, TINY_MODEL, tiny_run, train
+from helpers.lm_eval import run_lm_eval
 
 from hybridlm.cli import main as cli_main
 from hybridlm.export import export_checkpoint
 from hybridlm.checkpoint.reader import read_checkpoint
-from hybridlm.generate import chat_prompt_ids, generate
+from hybridlm.generate import chat_prompt_ids, generate, left_pad
 from hybridlm.loss import IGNORE_INDEX
 
 SFT_DIR = REPO / "examples" / "sft"
@@ -127,3 +128,27 @@ def test_eval_ppl_sft_scores_the_assistant_tokens_of_held_out_conversations(runs
         assert result["nll"] == pytest.approx(nll, rel=1e-5), name
     with pytest.raises(SystemExit, match="no tokenizer with a chat template"):
         cli_main(["eval", "ppl", str(runs["pretrained"]), "--sft", "--data", val, "--device", "cpu"])
+
+
+@pytest.mark.slow  # one lm_eval process, ~1-2 min on 2 cores
+def test_lm_eval_apply_chat_template_renders_prompts_with_the_export_template(runs, exports, tmp_path):
+    """`lm_eval --apply_chat_template` on the qwen3_5_moe export, in plain transformers: every prompt it sends is
+    the held-out question rendered by the export's chat template (what apply_chat_template gives with the run's
+    tokenizer), and every reply it gets is the SFT model's own greedy reply to that prompt."""
+    pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install 'lm-eval>=0.4,<0.5')")
+    system = "You are a careful assistant. Work step by step, then give the answer."
+    result = run_lm_eval(exports["qwen3_5_moe"], "qwen3_5_moe", "hybridlm_sft_chat", tmp_path / "lm_eval",
+                         ["--apply_chat_template", "--system_instruction", system])
+    samples = sorted(result["samples"], key=lambda sample: sample["doc_id"])
+    assert [sample["doc"]["messages"] for sample in samples] == [row["messages"] for row in held_out()]
+    model, tokenizer = load(runs["sft"])
+    conversations = [[{"role": "system", "content": system}, {"role": "user", "content": sample["doc"]["messages"][-2][
+        "content"]}] for sample in samples]  # fmt: skip
+    for sample, messages in zip(samples, conversations):
+        rendered = sample["arguments"]["gen_args_0"]["arg_0"]
+        assert rendered == tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        assert rendered == (f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{messages[1]['content']}"
+                            "<|im_end|>\n<|im_start|>assistant\n")
+    ids, mask = left_pad([chat_prompt_ids(tokenizer, messages) for messages in conversations], tokenizer.pad_token_id)
+    new = generate(model, ids, mask, max_new_tokens=32, eos_token_id=tokenizer.eos_token_id)[:, ids.shape[1]:]
+    assert [sample["resps"][0][0] for sample in samples] == tokenizer.batch_decode(new, skip_special_tokens=True)
