@@ -190,7 +190,7 @@ def main(argv=None) -> dict:
     import torch
 
     from hybridlm import ops
-    from hybridlm.evaluate.report import run_metadata, write_json
+    from hybridlm.evaluate.report import finish_report, run_metadata, write_json
     from hybridlm.kernels.gated_delta import chunk_gated_delta_rule
 
     def fla_chunk(**kwargs):
@@ -240,12 +240,7 @@ def main(argv=None) -> dict:
             write_json(args.out, report)
         if device == "cuda":
             torch.cuda.empty_cache()
-    report["complete"] = True
-    print_table(report)
-    if args.out:
-        write_json(args.out, report)
-        print(f"wrote {args.out}")
-    return report
+    return finish_report(report, args.out, print_table)
 
 
 def print_table(report: dict) -> None:

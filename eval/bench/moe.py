@@ -199,7 +199,7 @@ def main(argv=None):
 
     # The Triton interpreter computes bf16 wrongly (triton issue 11584): the CPU smoke run uses fp32.
     dtype = getattr(torch, args.dtype) if device == "cuda" else torch.float32
-    from hybridlm.evaluate.report import run_metadata, write_json
+    from hybridlm.evaluate.report import finish_report, run_metadata, write_json
 
     script = str(Path(__file__).resolve().relative_to(REPO))
     report = {
@@ -234,12 +234,7 @@ def main(argv=None):
         results.append(row)
         if args.out:  # after every shape, so a run stopped by a time limit keeps what it measured
             write_json(args.out, report)
-    report["complete"] = True
-    print_table(report)
-    if args.out:
-        write_json(args.out, report)
-        print(f"wrote {args.out}")
-    return report
+    return finish_report(report, args.out, print_table)
 
 
 def print_table(report):

@@ -219,7 +219,7 @@ def main(argv=None):
     args = parse_args(argv)
     import torch
 
-    from hybridlm.evaluate.report import run_metadata, write_json
+    from hybridlm.evaluate.report import finish_report, run_metadata, write_json
 
     if args.smoke:
         device = "cpu"
@@ -246,12 +246,7 @@ def main(argv=None):
         report["results"].append(run_ep_size(ep_size, args))
         if args.out:  # after every EP size, so a run stopped by a time limit keeps what it measured
             write_json(args.out, report)
-    report["complete"] = True
-    print_table(report)
-    if args.out:
-        write_json(args.out, report)
-        print(f"wrote {args.out}")
-    return report
+    return finish_report(report, args.out, print_table)
 
 
 def print_table(report):

@@ -74,3 +74,14 @@ def write_json(path: str | Path, payload: dict) -> Path:
     tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     os.replace(tmp, path)
     return path
+
+
+def finish_report(report: dict, out: str | Path | None, print_table) -> dict:
+    """A benchmark's last step: the report marked complete (partial ones were written after every shape), its table
+    printed, and the file written when `out` is given."""
+    report["complete"] = True
+    print_table(report)
+    if out:
+        write_json(out, report)
+        print(f"wrote {out}")
+    return report
