@@ -1,4 +1,4 @@
-"""fla 0.6's calling conventions on our Triton kernels (the README's "Swapping with fla"), each against the float64
+"""fla 0.6's calling conventions on our Triton kernels (docs/kernels.md, "Swapping with fla"), each against the float64
 token loop, and fla's own torch reference (fla/ops/gated_delta_rule/naive.py) where it covers the case.
 
 fla's argument names mean what they mean in fla: `use_gate_in_kernel` (g is the raw gate, with A_log / dt_bias),
