@@ -14,6 +14,7 @@ interpreter (fp32, correct there; bf16 is not), and the report says they ran in 
 
 from __future__ import annotations
 
+import argparse
 import math
 import sys
 import time
@@ -515,13 +516,18 @@ def load_train_config(source: str | None, overrides: list[str]):
         return to_train_config(compose("train", overrides=overrides))
 
 
-def add_doctor_parser(subparsers):
-    parser = subparsers.add_parser(
-        "doctor", help="check every op a model config uses against its float64 reference on this machine",
-        description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+def add_config_source_argument(parser) -> None:
+    """The positional arguments `load_train_config` reads: a run, checkpoint or config file, then overrides."""
     parser.add_argument("args", nargs="*", metavar="RUN_OR_OVERRIDE",
                         help="a run directory, checkpoint or config file first (optional), then overrides: Hydra "
                              "ones for configs/train.yaml (model=gpu_1b), dotted keys for a run's config")
+
+
+def add_doctor_parser(subparsers):
+    parser = subparsers.add_parser(
+        "doctor", help="check every op a model config uses against its float64 reference on this machine",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_source_argument(parser)
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--json", type=Path, default=None, help="also write the report to this JSON file")
     parser.set_defaults(func=run_doctor)

@@ -28,12 +28,14 @@ composed config; the training dtype is deepspeed.precision on a GPU (auto: bf16)
 
 from __future__ import annotations
 
+import argparse
 import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from hybridlm.config import ConfigError, ModelConfig
+from hybridlm.evaluate.doctor import add_config_source_argument
 from hybridlm.parallel.config import ParallelConfig
 
 DTYPE_BYTES = {"bf16": 2, "fp32": 4}
@@ -151,10 +153,8 @@ def format_table(rows: list[PlanRow]) -> str:
 def add_plan_parser(subparsers):
     parser = subparsers.add_parser(
         "plan", help="parameters, model-state bytes and all-to-all bytes per GPU for each ZeRO stage x EP size",
-        description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
-    parser.add_argument("args", nargs="*", metavar="RUN_OR_OVERRIDE",
-                        help="a run directory, checkpoint or config file first (optional), then overrides: Hydra "
-                             "ones for configs/train.yaml (model=gpu_1b), dotted keys for a run's config")
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_source_argument(parser)
     parser.add_argument("--gpus", type=int, required=True, help="GPUs (ranks) in the job")
     parser.add_argument("--ep", type=int, nargs="+", default=None,
                         help="expert-parallel sizes (default: every size dividing num_experts and --gpus)")
